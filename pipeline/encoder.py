@@ -1,0 +1,142 @@
+"""The frozen ImageNet ResNet that turns images into pooled feature vectors.
+
+The classifier head is dropped; a feature is the global-average-pooled output of the last block
+(512 values for resnet18/34, 2048 for resnet50/101/152). Normalization lives inside the module so
+callers feed uint8 batches straight from the DataLoader.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.fileio import sha256_file
+from pipeline.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
+RANDOM_INIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything needed to rebuild the exact encoder: stored in the feature cache and in checkpoints."""
+
+    arch: str
+    weights: str  # "imagenet:<torchvision enum name>", "none:seed=<n>", or "file:<name>"
+    weights_sha256: str  # of the local file; "" otherwise
+    weights_path: str  # where the local file was (a hint for `caption`); "" otherwise
+    resize: int
+    crop: int
+    feature_dim: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def identity(self) -> dict:
+        """The fields that decide the features' values (not where a weights file happened to live)."""
+        d = asdict(self)
+        d.pop("weights_path")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncoderSpec":
+        return cls(arch=str(d["arch"]), weights=str(d["weights"]), weights_sha256=str(d.get("weights_sha256", "")),
+                   weights_path=str(d.get("weights_path", "")), resize=int(d["resize"]), crop=int(d["crop"]),
+                   feature_dim=int(d["feature_dim"]))
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(resize=self.resize, crop=self.crop)
+
+
+class Encoder(nn.Module):
+    """uint8 images (B, 3, S, S) -> features (B, D) float32. Frozen, always in eval mode."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        backbone.fc = nn.Identity()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "Encoder":
+        return super().train(False)  # frozen: BatchNorm must keep its running statistics
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std  # (B, 3, S, S)
+        x = x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+        return self.backbone(x).float()  # (B, D)
+
+
+def resolve_weights(arch: str, weights: str) -> tuple[str, str, str]:
+    """The user's --weights value -> (description, sha256, path) without loading anything."""
+    if weights == "none":
+        return f"none:seed={RANDOM_INIT_SEED}", "", ""
+    if weights == "imagenet":
+        enum = torchvision.models.get_model_weights(arch).DEFAULT
+        return f"imagenet:{enum}", "", ""
+    path = Path(weights)
+    if not path.is_file():
+        raise PipelineError(f"--weights {weights!r}: no such file. Use 'imagenet', 'none', or a path to a "
+                            f"{arch} state-dict file")
+    return f"file:{path.name}", sha256_file(path), str(path.resolve())
+
+
+def make_spec(arch: str, weights: str, resize: int = 256, crop: int = 224) -> EncoderSpec:
+    if arch not in FEATURE_DIMS:
+        raise PipelineError(f"unknown --arch {arch!r}: choose one of {', '.join(FEATURE_DIMS)}")
+    if crop <= 0 or resize < crop:
+        raise PipelineError(f"bad preprocessing sizes resize={resize}, crop={crop}: need resize >= crop > 0")
+    desc, sha, path = resolve_weights(arch, weights)
+    return EncoderSpec(arch, desc, sha, path, resize, crop, FEATURE_DIMS[arch])
+
+
+def build_encoder(spec: EncoderSpec, weights_file: str | os.PathLike | None = None) -> Encoder:
+    """Build the frozen encoder that `spec` describes (the weights file is checked against its sha256)."""
+    builder = getattr(torchvision.models, spec.arch)
+    kind = spec.weights.split(":", 1)[0]
+    if kind == "none":
+        seed = int(spec.weights.split("seed=", 1)[1])
+        with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+            torch.manual_seed(seed)
+            return Encoder(builder(weights=None))
+    if kind == "imagenet":
+        enum_name = spec.weights.split(":", 1)[1].split(".")[-1]
+        enum = getattr(torchvision.models.get_model_weights(spec.arch), enum_name)
+        try:
+            return Encoder(builder(weights=enum))
+        except Exception as e:  # noqa: BLE001 - network/cache failures surface as one clear message
+            raise PipelineError(f"could not load torchvision's {enum} weights ({type(e).__name__}: {e}). They are "
+                                f"downloaded once into torchvision's cache: check the network, or pass "
+                                f"--weights PATH to a local state-dict file, or --weights none") from None
+    path = Path(weights_file or spec.weights_path)
+    if not path.is_file():
+        raise PipelineError(f"the encoder weights file {spec.weights.split(':', 1)[1]} (sha256 {spec.weights_sha256[:12]}…) "
+                            f"is not at {path}: pass its path with --encoder-weights")
+    if sha256_file(path) != spec.weights_sha256:
+        raise PipelineError(f"{path} is not the weights file the features were made with (sha256 differs)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise PipelineError(f"cannot read {path} as a state dict ({type(e).__name__}): save it with "
+                            f"torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise PipelineError(f"{path} does not hold a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
+    model = builder(weights=None)
+    model.fc = nn.Identity()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise PipelineError(f"{path} does not fit {spec.arch}: {len(missing)} missing keys (e.g. {missing[:2]}), "
+                            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    return Encoder(model)

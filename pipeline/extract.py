@@ -1,0 +1,309 @@
+"""Stage 1: run the frozen ResNet once over every image of the manifest and cache pooled features.
+
+Output `features.h5` (row i = manifest image i):
+    features (N, D) float16|float32   pooled last-block activations (zeros where invalid)
+    valid    (N,)   bool              False for images that could not be decoded
+    errors   (N,)   str               why, for invalid rows ("" otherwise)
+    image_ids (N,)  int64, paths (N,) str (relative to the image folder)
+    attrs: the encoder spec, preprocessing, dtype, library versions, manifest fingerprint.
+
+Crash safety: work is done in fixed chunks of rows; each finished chunk is written atomically as
+`features.h5.parts/part-XXXXXX.npz`. A run that dies (Ctrl-C, kill -9, power loss) keeps every finished
+chunk, and the next run computes only the rest. Batches never straddle chunks, so a resumed run feeds
+the network exactly the batches an uninterrupted run would, and the assembled file is identical.
+The assembled file is itself written to a temp file and renamed, then the parts are removed.
+The same chunks are the unit of work for many processes (torchrun): rank r takes chunks r, r+W, ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import __version__, distributed
+from pipeline.encoder import EncoderSpec, build_encoder, make_spec
+from pipeline.errors import PipelineError
+from pipeline.fileio import atomic_path, sha256_json, write_json
+from pipeline.images import ImageFiles, Preprocess, collate
+from pipeline.manifest import Manifest, load_manifest
+
+FEATURES_NAME = "features.h5"
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass
+class ExtractSummary:
+    images: int
+    computed: int  # images run through the network in this call (0 when the cache was up to date)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    seconds: float = 0.0
+    up_to_date: bool = False
+    path: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        if self.up_to_date:
+            return f"{self.path} is up to date ({self.images} images, {len(self.failures)} failures): nothing to do"
+        return (f"extracted {self.images} images ({self.computed} computed now), {len(self.failures)} failures, "
+                f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s -> {self.path}")
+
+
+def cache_settings(spec: EncoderSpec, preprocess: Preprocess, dtype: str, manifest: Manifest) -> dict:
+    """What decides the cache's content: two runs agreeing on these produce the same features."""
+    return {"encoder": spec.identity(), "preprocess": preprocess.describe(), "dtype": dtype,
+            "manifest_fingerprint": manifest.fingerprint, "n_images": len(manifest.images)}
+
+
+def read_cache_attrs(path: str | os.PathLike) -> dict:
+    """The attributes of an existing features.h5 (clear error if it is not one)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    except OSError as e:
+        raise PipelineError(f"{path} is not a readable HDF5 file ({e}): delete it, or rerun extract with --force") from None
+
+
+def settings_of(attrs: dict) -> dict | None:
+    raw = attrs.get("settings")
+    return json.loads(raw) if raw else None
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    """One line naming which settings differ, e.g. `encoder.arch: resnet18 -> resnet50`."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+    a, b = flat(old), flat(new)
+    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
+
+
+def choose_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def default_workers(device: torch.device) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # On the CPU, decoding competes with the network's own threads: one worker keeps the pipe full.
+    return max(1, min(cpus - 1, 16)) if device.type == "cuda" else 1
+
+
+def extract(cache_dir: str | os.PathLike = "cache", arch: str = "resnet152", weights: str = "imagenet",
+            out: str | os.PathLike | None = None, batch_size: int = 64, workers: int | None = None,
+            device: str | None = None, dtype: str = "float16", resize: int = 256, crop: int = 224,
+            amp: str = "auto", chunk_size: int = 1024, force: bool = False,
+            progress: bool = True) -> ExtractSummary:
+    """Extract features for every image in `cache_dir/manifest.json` into `out` (default cache_dir/features.h5)."""
+    if dtype not in DTYPES:
+        raise PipelineError(f"--dtype {dtype!r}: choose float16 or float32")
+    if batch_size < 1 or chunk_size < 1:
+        raise PipelineError("--batch-size and --chunk-size must be positive")
+    cache_dir = Path(cache_dir)
+    manifest = load_manifest(cache_dir)
+    out = Path(out) if out else cache_dir / FEATURES_NAME
+    parts_dir = out.with_name(out.name + ".parts")
+    spec = make_spec(arch, weights, resize, crop)
+    preprocess = spec.preprocess
+    settings = cache_settings(spec, preprocess, dtype, manifest)
+    dist = distributed.context()
+
+    if out.exists() and not force:
+        old = settings_of(read_cache_attrs(out))
+        if old == settings:
+            if dist.is_main and parts_dir.exists():
+                shutil.rmtree(parts_dir, ignore_errors=True)  # left by a run killed after its final rename
+            return _summary_from_file(out, up_to_date=True)
+        raise PipelineError(f"{out} was made with other settings ({describe_difference(old or {}, settings)}). "
+                            f"It is never reused or mixed: rerun with --force to rebuild it, or use --out for a second cache")
+
+    if dist.is_main:
+        if force:
+            shutil.rmtree(parts_dir, ignore_errors=True)
+        _prepare_parts_dir(parts_dir, settings, chunk_size)
+    dist.barrier()
+
+    n = len(manifest.images)
+    chunks = [(k, s, min(s + chunk_size, n)) for k, s in enumerate(range(0, n, chunk_size))]
+    mine = [c for c in chunks if c[0] % dist.world_size == dist.rank]
+    pending = [c for c in mine if not _part_ok(parts_dir, c)]
+
+    dev = choose_device(device if device else (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else None))
+    started = time.perf_counter()
+    computed = 0
+    if pending:
+        computed = _compute(manifest, spec, preprocess, pending, parts_dir, dtype, dev, batch_size,
+                            default_workers(dev) if workers is None else workers, amp, progress and dist.is_main)
+    seconds = time.perf_counter() - started
+    dist.barrier()
+    if dist.is_main:
+        _assemble(out, parts_dir, chunks, manifest, spec, preprocess, settings, dtype)
+    dist.barrier()
+    summary = _summary_from_file(out, up_to_date=False)
+    summary.computed, summary.seconds = computed, seconds
+    return summary
+
+
+def _prepare_parts_dir(parts_dir: Path, settings: dict, chunk_size: int) -> None:
+    meta = {"settings": settings, "chunk_size": chunk_size}
+    meta_path = parts_dir / "settings.json"
+    if parts_dir.exists() and meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old == meta:
+            return
+        raise PipelineError(f"{parts_dir} holds an unfinished extraction with other settings "
+                            f"({describe_difference(old, meta)}): rerun with its settings to finish it, "
+                            f"or with --force to start over")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    write_json(meta_path, meta)
+
+
+def _part_path(parts_dir: Path, k: int) -> Path:
+    return parts_dir / f"part-{k:06d}.npz"
+
+
+def _part_ok(parts_dir: Path, chunk: tuple[int, int, int]) -> bool:
+    """True when chunk k's part exists and is whole; a damaged part is deleted so it gets recomputed."""
+    k, s, e = chunk
+    path = _part_path(parts_dir, k)
+    if not path.exists():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ok = z["features"].shape[0] == e - s and z["valid"].shape[0] == e - s
+    except Exception:  # noqa: BLE001 - any damage means: compute it again
+        ok = False
+    if not ok:
+        path.unlink(missing_ok=True)
+    return ok
+
+
+def _autocast(dev: torch.device, amp: str):
+    if dev.type != "cuda" or amp == "none":
+        return torch.autocast(dev.type, enabled=False)
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _compute(manifest: Manifest, spec: EncoderSpec, preprocess: Preprocess, pending: list, parts_dir: Path,
+             dtype: str, dev: torch.device, batch_size: int, workers: int, amp: str, progress: bool) -> int:
+    encoder = build_encoder(spec).to(dev)
+    if dev.type == "cuda":
+        encoder = encoder.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    # Batches are cut inside each chunk, so resuming reproduces the uninterrupted run's batches.
+    batches = [list(range(b, min(b + batch_size, e))) for _, s, e in pending for b in range(s, e, batch_size)]
+    paths = [manifest.path_of(i) for i in range(len(manifest.images))]
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(paths, preprocess), batch_sampler=batches, num_workers=workers, collate_fn=collate,
+        pin_memory=dev.type == "cuda", prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False)
+    total = sum(e - s for _, s, e in pending)
+    bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, dynamic_ncols=True,
+               file=sys.stderr, smoothing=0.1)
+    np_dtype = DTYPES[dtype]
+    chunk_iter = iter(pending)
+    k, s, e = next(chunk_iter)
+    feats = np.zeros((e - s, spec.feature_dim), dtype=np_dtype)
+    errors = [""] * (e - s)
+    with torch.inference_mode(), _autocast(dev, amp):
+        for rows, images, errs in loader:
+            images = images.to(dev, non_blocking=True)
+            if dev.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            out = encoder(images).cpu().numpy()  # (B, D) float32
+            r = rows.numpy() - s
+            feats[r] = out.astype(np_dtype)
+            for j, err in zip(r, errs):
+                errors[j] = err
+                if err:
+                    feats[j] = 0
+            bar.update(len(rows))
+            if rows[-1].item() == e - 1:  # chunk finished: make it durable before moving on
+                _write_part(parts_dir, k, feats, errors)
+                nxt = next(chunk_iter, None)
+                if nxt is None:
+                    break
+                k, s, e = nxt
+                feats = np.zeros((e - s, spec.feature_dim), dtype=np_dtype)
+                errors = [""] * (e - s)
+    bar.close()
+    return total
+
+
+def _write_part(parts_dir: Path, k: int, feats: np.ndarray, errors: list[str]) -> None:
+    valid = np.array([not err for err in errors], dtype=bool)
+    with atomic_path(_part_path(parts_dir, k)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, features=feats, valid=valid, errors=np.array(errors, dtype=str))
+
+
+def _assemble(out: Path, parts_dir: Path, chunks: list, manifest: Manifest, spec: EncoderSpec,
+              preprocess: Preprocess, settings: dict, dtype: str) -> None:
+    """Join the parts into one features.h5, one chunk in memory at a time."""
+    n, d = len(manifest.images), spec.feature_dim
+    str_dt = h5py.string_dtype("utf-8")
+    with atomic_path(out) as tmp:
+        with h5py.File(tmp, "w", track_order=False) as f:
+            ds = f.create_dataset("features", shape=(n, d), dtype=dtype, chunks=(min(max(n, 1), 256), d),
+                                  track_times=False)
+            valid = f.create_dataset("valid", shape=(n,), dtype=bool, track_times=False)
+            errors = f.create_dataset("errors", shape=(n,), dtype=str_dt, track_times=False)
+            for k, s, e in chunks:
+                with np.load(_part_path(parts_dir, k), allow_pickle=False) as z:
+                    ds[s:e] = z["features"]
+                    valid[s:e] = z["valid"]
+                    errors[s:e] = z["errors"].astype(object)
+            f.create_dataset("image_ids", data=np.array([r.id for r in manifest.images], dtype=np.int64),
+                             track_times=False)
+            f.create_dataset("paths", data=np.array([r.file for r in manifest.images], dtype=object),
+                             dtype=str_dt, track_times=False)
+            attrs = {**spec.as_dict(), "preprocess": json.dumps(preprocess.describe()), "dtype": dtype,
+                     "manifest_fingerprint": manifest.fingerprint, "n_images": n,
+                     "settings": json.dumps(settings, sort_keys=True), "settings_fingerprint": sha256_json(settings),
+                     "pipeline_version": __version__, "torch_version": str(torch.__version__),
+                     "torchvision_version": _version("torchvision"), "h5py_version": h5py.__version__,
+                     "pillow_version": _version("PIL")}
+            for key, value in attrs.items():
+                f.attrs[key] = value if isinstance(value, (int, float)) else str(value)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _summary_from_file(out: Path, up_to_date: bool) -> ExtractSummary:
+    with h5py.File(out, "r") as f:
+        valid = f["valid"][:]
+        bad = np.flatnonzero(~valid)
+        paths = f["paths"].asstr()[:] if len(bad) else []
+        errors = f["errors"].asstr()[:] if len(bad) else []
+        failures = [(str(paths[i]), str(errors[i])) for i in bad]
+        return ExtractSummary(images=len(valid), computed=0, failures=failures, up_to_date=up_to_date, path=str(out))

@@ -1,0 +1,111 @@
+"""Image decoding and preprocessing for the frozen encoder.
+
+Decoding runs in DataLoader worker processes, so it must never raise: a bad image (unreadable,
+truncated, zero bytes, not an image, absurdly large) comes back as a zero tensor plus a reason,
+and the caller records it instead of stopping a run over 100k images.
+
+Preprocessing stops at uint8 (3, crop, crop): normalization happens on the device, inside the
+encoder, which keeps worker->main transfers 4x smaller than float32 and lets the GPU do the math.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; larger files are refused as "absurdly large"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """ImageNet evaluation preprocessing: resize the shorter side, then center-crop a square."""
+
+    resize: int = 256
+    crop: int = 224
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def describe(self) -> dict:
+        return {"resize": self.resize, "crop": self.crop, "mean": list(IMAGENET_MEAN),
+                "std": list(IMAGENET_STD), "interpolation": "bilinear", "max_pixels": self.max_pixels}
+
+    def load(self, path: str) -> Image.Image:
+        """Decode `path` to an RGB PIL image, upright (EXIF), at the smallest size that still covers `resize`."""
+        with warnings.catch_warnings():
+            # PIL warns (rather than raises) between max_pixels and 2x max_pixels: treat both as refusal.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            w, h = img.size
+            if w * h > self.max_pixels:
+                raise ValueError(f"image too large ({w}x{h} pixels, limit {self.max_pixels})")
+            if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
+                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result still covers `resize`:
+                # the shorter side stays >= resize, so the final crop is unchanged in content.
+                img.draft("RGB", (self.resize, self.resize))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+
+    def to_tensor(self, img: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> uint8 tensor (3, crop, crop)."""
+        w, h = img.size
+        scale = self.resize / min(w, h)
+        nw, nh = max(self.crop, round(w * scale)), max(self.crop, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - self.crop) // 2, (nh - self.crop) // 2
+        img = img.crop((left, top, left + self.crop, top + self.crop))
+        arr = np.asarray(img, dtype=np.uint8)  # (crop, crop, 3)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, crop, crop)
+
+    def __call__(self, path: str) -> tuple[torch.Tensor, str]:
+        """Never raises: (uint8 (3, crop, crop), "") on success, (zeros, reason) on failure."""
+        try:
+            return self.to_tensor(self.load(path)), ""
+        except Exception as e:  # noqa: BLE001 - any decode failure is recorded, not fatal
+            reason = f"{type(e).__name__}: {e}".strip()
+            return torch.zeros(3, self.crop, self.crop, dtype=torch.uint8), reason[:300]
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparent pixels are composited on white, 16-bit/float scaled to 8 bits."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Paths -> (row index, uint8 image, error reason). Safe in any number of worker processes."""
+
+    def __init__(self, paths: list[str], preprocess: Preprocess):
+        self.paths = paths
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
+        image, error = self.preprocess(self.paths[i])
+        return i, image, error
+
+
+def collate(batch: list[tuple[int, torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    rows = torch.tensor([b[0] for b in batch], dtype=torch.long)  # (B,)
+    images = torch.stack([b[1] for b in batch])  # (B, 3, S, S) uint8
+    return rows, images, [b[2] for b in batch]
