@@ -119,5 +119,148 @@ def extract(cache_dir, out, arch, weights, batch_size, workers, device, resize, 
         click.echo(summary.line())
 
 
+# ----------------------------------------------------------------------------------------------- train
+@main.command()
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(),
+              help="Folder with features.h5, labels.h5, vocab.json and manifest.json.")
+@click.option("--out", default="checkpoints", show_default=True, type=click.Path(),
+              help="Checkpoint folder (last.pt, best.pt).")
+@click.option("--metrics-dir", default="metrics", show_default=True, type=click.Path(),
+              help="train_steps.csv, train_epochs.json and train.json go here.")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1), help="Captions per batch.")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--amsgrad", is_flag=True, help="Use Adam's AMSGrad variant.")
+@click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(0))
+@click.option("--clip", default=5.0, show_default=True, type=click.FloatRange(0), help="Max gradient norm (0: off).")
+@click.option("--lr-decay", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Multiply the learning rate by this every --lr-decay-every epochs.")
+@click.option("--lr-decay-every", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--accumulate", default=1, show_default=True, type=click.IntRange(1),
+              help="Gradient accumulation: one optimizer step every N batches.")
+@click.option("--patience", default=0, show_default=True, type=click.IntRange(0),
+              help="Early stopping: stop after N epochs without a better validation CIDEr (0: off).")
+@click.option("--save-every", default=1, show_default=True, type=click.IntRange(1), help="Write last.pt every N epochs.")
+@click.option("--print-every", default=100, show_default=True, type=click.IntRange(1),
+              help="Steps between loss updates on the progress bar.")
+@click.option("--val-images", default=5000, show_default=True, type=click.IntRange(0),
+              help="Validation images decoded per epoch for CIDEr/BLEU-4 (0: all).")
+@click.option("--max-length", default=20, show_default=True, type=click.IntRange(1),
+              help="Longest caption decoded for validation.")
+@click.option("--embed-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--hidden-size", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--num-layers", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--dropout", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--batchnorm/--no-batchnorm", default=False, show_default=True,
+              help="BatchNorm after the image projection.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--amp", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"]),
+              help="Autocast precision on CUDA. Ignored on CPU.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (ends where an uninterrupted run would).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(cache_dir, out, metrics_dir, embed_size, hidden_size, num_layers, dropout, batchnorm, resume, quiet,
+          **cfg):
+    """Train the projection + LSTM decoder from the feature cache (the CNN is never run)."""
+    from pipeline import distributed
+    from pipeline.train import TrainConfig, train as run
+
+    is_main = distributed.context().is_main
+    summary = run(cache_dir=cache_dir, out=out, metrics_dir=metrics_dir, cfg=TrainConfig(**cfg),
+                  embed_size=embed_size, hidden_size=hidden_size, num_layers=num_layers, dropout=dropout,
+                  batchnorm=batchnorm, resume=resume, progress=not quiet,
+                  log=(lambda m: click.echo(m, err=True)) if is_main else (lambda m: None))
+    if is_main:
+        click.echo(summary.line())
+
+
+# -------------------------------------------------------------------------------------------- evaluate
+def decoding_options(f):
+    """Options shared by `evaluate` and `caption`."""
+    for opt in reversed([
+        click.option("--beam-size", default=3, show_default=True, type=click.IntRange(1), help="1 = greedy."),
+        click.option("--max-length", default=20, show_default=True, type=click.IntRange(1), help="Most words per caption."),
+        click.option("--length-penalty", default=0.0, show_default=True, type=float,
+                     help="GNMT length penalty alpha (0: rank by total log-probability)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.option("--checkpoint", default="checkpoints/best.pt", show_default=True, type=click.Path())
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path())
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--out", default="metrics/eval.json", show_default=True, type=click.Path(), help="Metrics JSON.")
+@click.option("--results", default=None, type=click.Path(),
+              help="COCO results JSON [default: results/captions_SPLIT.json].")
+@decoding_options
+@click.option("--tokenizer", default="auto", show_default=True, type=click.Choice(["auto", "ptb", "simple"]),
+              help="auto: pycocoevalcap's PTB tokenizer when Java is present, else a pure-Python one.")
+@click.option("--max-images", default=0, show_default=True, type=click.IntRange(0), help="Score only the first N (0: all).")
+def evaluate(checkpoint, cache_dir, split, out, results, beam_size, max_length, length_penalty, device, tokenizer,
+             max_images):
+    """Decode a split from the cached features and score it (BLEU-1..4, METEOR, ROUGE-L, CIDEr)."""
+    from pipeline.evaluate import evaluate as run
+
+    summary = run(checkpoint=checkpoint, cache_dir=cache_dir, split=split, out=out, results=results,
+                  beam_size=beam_size, max_length=max_length, length_penalty=length_penalty, device=device,
+                  tokenizer=tokenizer, max_images=max_images)
+    click.echo(summary.table())
+    click.echo(f"metrics -> {summary.metrics_path}, captions -> {summary.results_path}")
+
+
+# --------------------------------------------------------------------------------------------- caption
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--checkpoint", default="checkpoints/best.pt", show_default=True, type=click.Path())
+@decoding_options
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--encoder-weights", default=None, type=click.Path(),
+              help="The local weights file the encoder was made with, if it has moved since extraction.")
+@click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the COCO results format here.")
+@click.option("--html", "html_out", default=None, type=click.Path(), help="Also write a page of thumbnails and captions.")
+def caption(inputs, checkpoint, beam_size, max_length, length_penalty, device, batch_size, encoder_weights,
+            json_out, html_out):
+    """Caption image files: IMAGE, DIR or GLOB... Prints path<TAB>caption."""
+    from pipeline.caption import caption_images, write_html, write_results_json
+
+    results = caption_images(checkpoint, list(inputs), beam_size=beam_size, max_length=max_length,
+                             length_penalty=length_penalty, device=device, batch_size=batch_size,
+                             encoder_weights=encoder_weights)
+    for r in results:
+        if r.error:
+            click.echo(f"skipped {r.path}: {r.error}", err=True)
+        else:
+            click.echo(f"{r.path}\t{r.caption}")
+    if json_out:
+        write_results_json(results, json_out)
+    if html_out:
+        write_html(results, html_out)
+    bad = sum(1 for r in results if r.error)
+    click.echo(f"captioned {len(results) - bad} images, {bad} unreadable", err=True)
+
+
+# -------------------------------------------------------------------------------------------- download
+@main.group()
+def download():
+    """Download public datasets."""
+
+
+@download.command("coco2014")
+@click.argument("dest", type=click.Path())
+@click.option("--base-url", default=None, help="Mirror of images.cocodataset.org (same layout).")
+@click.option("--karpathy-url", default=None, help="Mirror of Karpathy's caption_datasets.zip.")
+@click.option("--delete-archives", is_flag=True, help="Delete each zip once it is extracted.")
+def download_coco2014(dest, base_url, karpathy_url, delete_archives):
+    """COCO 2014 train+val images, captions and Karpathy's split into DEST (resumable)."""
+    from pipeline.download import download_coco2014 as run
+
+    summary = run(dest, base_url=base_url, karpathy_url=karpathy_url, keep_archives=not delete_archives,
+                  log=lambda m: click.echo(m, err=True))
+    click.echo(summary.line())
+
+
 if __name__ == "__main__":
     main()

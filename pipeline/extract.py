@@ -208,48 +208,61 @@ def _autocast(dev: torch.device, amp: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def _compute(manifest: Manifest, spec: EncoderSpec, preprocess: Preprocess, pending: list, parts_dir: Path,
-             dtype: str, dev: torch.device, batch_size: int, workers: int, amp: str, progress: bool) -> int:
-    encoder = build_encoder(spec).to(dev)
-    if dev.type == "cuda":
+def encode_images(encoder: torch.nn.Module, paths: list[str], preprocess: Preprocess, batches: list[list[int]],
+                  device: torch.device, workers: int, amp: str = "auto"):
+    """Decode `paths` in DataLoader workers and run `encoder` over them, batch by batch.
+
+    Yields (rows (B,) int64 numpy, features (B, D) float32 numpy, errors [str]); rows that failed to
+    decode carry zeros and their reason. Shared by `extract` and `caption`.
+    """
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(paths, preprocess), batch_sampler=batches, num_workers=workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None)
+    with torch.inference_mode(), _autocast(device, amp):
+        for rows, images, errs in loader:
+            images = images.to(device, non_blocking=True)  # (B, 3, S, S) uint8
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            feats = encoder(images).cpu().numpy()  # (B, D) float32
+            for j, err in enumerate(errs):
+                if err:
+                    feats[j] = 0
+            yield rows.numpy(), feats, errs
+
+
+def load_encoder(spec: EncoderSpec, device: torch.device, weights_file=None) -> torch.nn.Module:
+    encoder = build_encoder(spec, weights_file).to(device)
+    if device.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
+    return encoder
+
+
+def _compute(manifest: Manifest, spec: EncoderSpec, preprocess: Preprocess, pending: list, parts_dir: Path,
+             dtype: str, dev: torch.device, batch_size: int, workers: int, amp: str, progress: bool) -> int:
+    encoder = load_encoder(spec, dev)
     # Batches are cut inside each chunk, so resuming reproduces the uninterrupted run's batches.
     batches = [list(range(b, min(b + batch_size, e))) for _, s, e in pending for b in range(s, e, batch_size)]
     paths = [manifest.path_of(i) for i in range(len(manifest.images))]
-    loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, preprocess), batch_sampler=batches, num_workers=workers, collate_fn=collate,
-        pin_memory=dev.type == "cuda", prefetch_factor=4 if workers > 0 else None,
-        persistent_workers=False)
     total = sum(e - s for _, s, e in pending)
     bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, dynamic_ncols=True,
                file=sys.stderr, smoothing=0.1)
     np_dtype = DTYPES[dtype]
-    chunk_iter = iter(pending)
-    k, s, e = next(chunk_iter)
-    feats = np.zeros((e - s, spec.feature_dim), dtype=np_dtype)
-    errors = [""] * (e - s)
-    with torch.inference_mode(), _autocast(dev, amp):
-        for rows, images, errs in loader:
-            images = images.to(dev, non_blocking=True)
-            if dev.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            out = encoder(images).cpu().numpy()  # (B, D) float32
-            r = rows.numpy() - s
-            feats[r] = out.astype(np_dtype)
-            for j, err in zip(r, errs):
-                errors[j] = err
-                if err:
-                    feats[j] = 0
-            bar.update(len(rows))
-            if rows[-1].item() == e - 1:  # chunk finished: make it durable before moving on
-                _write_part(parts_dir, k, feats, errors)
-                nxt = next(chunk_iter, None)
-                if nxt is None:
-                    break
-                k, s, e = nxt
-                feats = np.zeros((e - s, spec.feature_dim), dtype=np_dtype)
-                errors = [""] * (e - s)
+    chunks = iter(pending)
+    k, s, e = next(chunks)
+    feats, errors = np.zeros((e - s, spec.feature_dim), dtype=np_dtype), [""] * (e - s)
+    for rows, out, errs in encode_images(encoder, paths, preprocess, batches, dev, workers, amp):
+        feats[rows - s] = out.astype(np_dtype)
+        for j, err in zip(rows - s, errs):
+            errors[j] = err
+        bar.update(len(rows))
+        if rows[-1] == e - 1:  # chunk finished: make it durable before moving on
+            _write_part(parts_dir, k, feats, errors)
+            nxt = next(chunks, None)
+            if nxt is None:
+                break
+            k, s, e = nxt
+            feats, errors = np.zeros((e - s, spec.feature_dim), dtype=np_dtype), [""] * (e - s)
     bar.close()
     return total
 

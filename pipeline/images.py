@@ -39,7 +39,10 @@ class Preprocess:
         with warnings.catch_warnings():
             # PIL warns (rather than raises) between max_pixels and 2x max_pixels: treat both as refusal.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            try:
+                img = Image.open(path)
+            except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+                raise ValueError(f"image too large ({e})") from None
             w, h = img.size
             if w * h > self.max_pixels:
                 raise ValueError(f"image too large ({w}x{h} pixels, limit {self.max_pixels})")

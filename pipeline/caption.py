@@ -1,0 +1,122 @@
+"""Caption new image files with a trained checkpoint.
+
+The checkpoint records the encoder the decoder was trained on (arch, weights, preprocessing), so
+the exact frozen encoder is rebuilt here; images are decoded in DataLoader workers and captioned in
+batches. Unreadable images are reported and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import html
+import io
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.checkpoint import load_checkpoint, restore_decoder
+from pipeline.decode import decode
+from pipeline.errors import PipelineError
+from pipeline.extract import choose_device, default_workers, encode_images, load_encoder
+from pipeline.fileio import write_json, write_text
+from pipeline.images import Preprocess
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Captioned:
+    path: str
+    caption: str = ""
+    logprob: float = 0.0
+    error: str = ""
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files, folders (their images, sorted, not recursive) and glob patterns -> a list of paths."""
+    paths: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            paths += sorted(str(p) for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        elif os.path.exists(item):
+            paths.append(item)
+        elif glob.has_magic(item):
+            paths += sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+        else:
+            raise PipelineError(f"{item}: no such file, folder or matching pattern")
+    if not paths:
+        raise PipelineError(f"no images found in {' '.join(inputs)}")
+    return paths
+
+
+def caption_images(checkpoint: str | os.PathLike, inputs: list[str], beam_size: int = 3, max_length: int = 20,
+                   length_penalty: float = 0.0, device: str = "auto", batch_size: int = 32,
+                   workers: int | None = None, encoder_weights: str | None = None) -> list[Captioned]:
+    ckpt = load_checkpoint(checkpoint)
+    dev = choose_device(device)
+    model, vocab, spec = restore_decoder(ckpt, dev)
+    paths = expand_inputs(inputs)
+    encoder = load_encoder(spec, dev, encoder_weights)
+    batches = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
+    out = [Captioned(p) for p in paths]
+    banned = (vocab.pad_id, vocab.start_id, vocab.unk_id)
+    for rows, feats, errs in encode_images(encoder, paths, spec.preprocess, batches, dev,
+                                           default_workers(dev) if workers is None else workers):
+        ok = [j for j, e in enumerate(errs) if not e]
+        for j, e in enumerate(errs):
+            out[rows[j]].error = e
+        if not ok:
+            continue
+        hyps = decode(model, torch.from_numpy(feats[ok]).to(dev), beam_size=beam_size, max_length=max_length,
+                      start_id=vocab.start_id, end_id=vocab.end_id, length_penalty=length_penalty, banned_ids=banned)
+        for j, h in zip(ok, hyps):
+            out[rows[j]].caption, out[rows[j]].logprob = vocab.decode(h.tokens), float(h.logprob)
+    return out
+
+
+def image_id_of(path: str, fallback: int) -> int:
+    """COCO-style ids from file names like COCO_val2014_000000391895.jpg; else the running index."""
+    digits = re.findall(r"\d+", Path(path).stem)
+    return int(digits[-1]) if digits else fallback
+
+
+def write_results_json(results: list[Captioned], path: str | os.PathLike) -> None:
+    """COCO results format, plus the file name so arbitrary images stay identifiable."""
+    write_json(path, [{"image_id": image_id_of(r.path, i), "caption": r.caption, "file_name": r.path}
+                      for i, r in enumerate(results) if not r.error])
+
+
+def _thumbnail(path: str, size: int = 256) -> str:
+    img = Preprocess().load(path)
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def write_html(results: list[Captioned], path: str | os.PathLike, title: str = "Generated captions") -> None:
+    """A self-contained page (thumbnails embedded) of images with their captions."""
+    cards = []
+    for r in results:
+        name = html.escape(os.path.basename(r.path))
+        if r.error:
+            cards.append(f'<figure class="bad"><figcaption><b>{name}</b><br>unreadable: {html.escape(r.error)}</figcaption></figure>')
+            continue
+        cards.append(f'<figure><img src="data:image/jpeg;base64,{_thumbnail(r.path)}" alt="{name}">'
+                     f'<figcaption>{html.escape(r.caption)}<br><small>{name}</small></figcaption></figure>')
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} .grid{{display:flex;flex-wrap:wrap;gap:1em}}
+figure{{width:260px;margin:0}} img{{max-width:256px;max-height:256px;display:block}}
+figcaption{{font-size:14px;margin-top:.3em}} .bad{{color:#a00}}</style></head>
+<body><h1>{html.escape(title)}</h1><div class="grid">
+{chr(10).join(cards)}
+</div></body></html>
+"""
+    write_text(path, page)

@@ -1,0 +1,112 @@
+"""The cached dataset the decoder trains on: features.h5 + labels.h5 + vocab.json + manifest.json, in memory.
+
+Read once per process (features stay float16 in memory and are converted per batch), so no h5py
+handle is ever shared with DataLoader workers: training indexes plain tensors. Before anything is
+trained, `load_cache` checks that the four files belong together and refuses, with a message that
+says what to rerun, when they do not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from pipeline.encoder import EncoderSpec
+from pipeline.errors import PipelineError
+from pipeline.extract import FEATURES_NAME, read_cache_attrs
+from pipeline.manifest import SPLITS, Manifest, load_manifest
+from pipeline.prepare import LABELS_NAME
+from pipeline.vocab import Vocabulary, tokenize
+
+
+@dataclass
+class CaptionData:
+    manifest: Manifest
+    vocab: Vocabulary
+    encoder: EncoderSpec
+    features: torch.Tensor  # (N, D) float16 or float32, row i = manifest image i
+    valid: torch.Tensor  # (N,) bool: image decoded fine at extraction
+    labels: torch.Tensor  # (M, L) int64 word ids, 0-padded, no <start>/<end>
+    lengths: torch.Tensor  # (M,) int64 word counts
+    caption_image: torch.Tensor  # (M,) int64 row of each caption's image
+    image_split: torch.Tensor  # (N,) int64 index into SPLITS
+    fingerprints: dict  # what a checkpoint records to recognise this cache
+
+    def image_rows(self, split: str, valid_only: bool = True) -> torch.Tensor:
+        """Rows (into features) of the images of `split`."""
+        mask = self.image_split == SPLITS.index(split)
+        if valid_only:
+            mask &= self.valid
+        return mask.nonzero().squeeze(1)
+
+    def caption_rows(self, split: str) -> torch.Tensor:
+        """Caption indices whose image is in `split` and valid (training never sees a failed image)."""
+        img_ok = (self.image_split == SPLITS.index(split)) & self.valid  # (N,)
+        return img_ok[self.caption_image].nonzero().squeeze(1)
+
+    def references(self, rows: torch.Tensor) -> dict[int, list[str]]:
+        """Tokenized, space-joined reference captions by row, for scoring (full captions, not cut)."""
+        return {int(r): [" ".join(tokenize(c)) for c in self.manifest.images[int(r)].captions] for r in rows}
+
+
+def load_cache(cache_dir: str | os.PathLike = "cache", features: str | os.PathLike | None = None) -> CaptionData:
+    cache_dir = Path(cache_dir)
+    features_path = Path(features) if features else cache_dir / FEATURES_NAME
+    labels_path = cache_dir / LABELS_NAME
+    manifest = load_manifest(cache_dir)
+    vocab = Vocabulary.load(cache_dir)
+    for path, stage in ((labels_path, "prepare"), (features_path, "extract")):
+        if not path.exists():
+            raise PipelineError(f"{path} is missing: run `pipeline {stage} --{'out-dir' if stage == 'prepare' else 'cache-dir'} "
+                                f"{cache_dir}` first")
+    attrs = read_cache_attrs(features_path)
+    settings = json.loads(attrs.get("settings", "{}") or "{}")
+    with h5py.File(labels_path, "r") as f:
+        la = dict(f.attrs)
+        labels = torch.from_numpy(f["labels"][:].astype(np.int64))
+        lengths = torch.from_numpy(f["lengths"][:].astype(np.int64))
+        caption_image = torch.from_numpy(f["caption_image"][:].astype(np.int64))
+        image_split = torch.from_numpy(f["image_split"][:].astype(np.int64))
+        label_ids = f["image_ids"][:]
+
+    def refuse(what: str, fix: str):
+        raise PipelineError(f"{cache_dir} does not hold one consistent cache: {what}. {fix}")
+
+    if str(la.get("vocab_fingerprint")) != vocab.fingerprint or int(la.get("vocab_size", -1)) != len(vocab):
+        refuse(f"{labels_path.name} was encoded with another vocabulary than vocab.json",
+               "Rerun `pipeline prepare` to rebuild both together")
+    if str(la.get("manifest_fingerprint")) != manifest.fingerprint:
+        refuse(f"{labels_path.name} belongs to another manifest", "Rerun `pipeline prepare`")
+    if attrs.get("manifest_fingerprint") != manifest.fingerprint:
+        refuse(f"{features_path.name} was extracted from another manifest (other images or order)",
+               "Rerun `pipeline extract --force` on this cache")
+    with h5py.File(features_path, "r") as f:
+        if not np.array_equal(f["image_ids"][:], label_ids) or f["features"].shape[0] != len(manifest.images):
+            refuse(f"{features_path.name} rows do not match the labels' images", "Rerun `pipeline extract --force`")
+        feats = torch.from_numpy(f["features"][:])  # (N, D) kept in its stored dtype
+        valid = torch.from_numpy(f["valid"][:].astype(bool))
+    encoder = EncoderSpec.from_dict(attrs)
+    fingerprints = {"manifest": manifest.fingerprint, "vocab": vocab.fingerprint,
+                    "features": str(attrs.get("settings_fingerprint", "")), "features_settings": settings}
+    return CaptionData(manifest, vocab, encoder, feats, valid, labels, lengths, caption_image, image_split, fingerprints)
+
+
+def length_grouped_batches(rows: torch.Tensor, lengths: torch.Tensor, batch_size: int,
+                           generator: torch.Generator) -> list[torch.Tensor]:
+    """Split caption `rows` into batches of similar length, in a random order.
+
+    Shuffle, then stable-sort by length, so equal-length captions land together in random order;
+    cut into batches; shuffle the batches. Padding per batch stays near zero, and every caption is
+    seen exactly once per epoch.
+    """
+    rows = rows[torch.randperm(len(rows), generator=generator)]
+    rows = rows[torch.sort(lengths[rows], stable=True).indices]
+    batches = list(torch.split(rows, batch_size))
+    order = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in order]

@@ -1,0 +1,246 @@
+"""A tiny synthetic captioning dataset in the COCO captions format, for demos and end-to-end tests.
+
+Why synthetic: the real datasets are gigabytes and need a download; this one is generated offline in
+about a second, is byte-for-byte the same on every run, and still makes a captioner *look*: every
+caption states facts about the picture (colour, size and place of a shape, background colour), each
+image gets several phrasings, so a decoder that ignores the image cannot score well.
+
+Why these attributes: the demo encoder is a ResNet with seeded *random* weights (no ImageNet weights
+offline), global-average-pooled. Such features keep colour and coverage (size) well; they keep
+position and shape only partly (averaging over positions). The probes behind the design (linear
+probe on random resnet18/resnet152 features, see `make_demo_data`'s docstring) decided which
+attributes carry the caption, and how loud each one is drawn.
+
+Layout written under `out_dir`:
+
+    train/demo_000001.jpg ...          val/...          test/...
+    annotations/captions_{train,val,test}.json   # exact cocodataset.org captions format
+    annotations/attributes_{train,val,test}.json # {image_id: {attribute: value}}, for diagnostics
+
+Image and annotation ids are unique across the three splits. `file_name` is relative to the
+split's folder, like COCO's `train2014/` layout.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import random
+import re
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.fileio import write_json
+
+SPLITS = ("train", "val", "test")
+
+# Saturated, mutually distant colours: colour is the attribute random features recover best.
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 230),
+    "yellow": (245, 215, 25),
+    "purple": (150, 50, 190),
+    "orange": (250, 130, 20),
+}
+BACKGROUNDS = {
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+# A 3x3 grid of places. Position survives global average pooling in a random ResNet (zero padding
+# makes border responses differ), so it can carry part of the caption.
+ROWS = ("top", "middle", "bottom")
+COLUMNS = ("left", "center", "right")
+
+# Shape extent as a fraction of the image side; grid centres per size (large shapes sit nearer the
+# middle so they stay inside the 224/256 centre crop the encoder takes).
+_SIZE_FRAC = {"small": 0.26, "large": 0.52}
+_GRID = {"small": (0.25, 0.5, 0.75), "large": (0.34, 0.5, 0.66)}
+
+# Phrasings. Each image gets `captions_per_image` distinct templates, so the same facts appear in
+# varied words and orders, as human COCO captions do.
+_SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+_SHAPE_WORDS = {"circle": ("circle", "disc", "dot"), "square": ("square", "box"), "triangle": ("triangle",),
+                "ring": ("ring",), "cross": ("cross", "plus"), "star": ("star",), "stripes": ("stripes",)}
+_VERTICAL_WORDS = {"top": ("top", "upper"), "bottom": ("bottom", "lower")}
+_TEMPLATES = (
+    "a {size} {colour} {shape} {place}",
+    "a {size} {colour} {shape} {place} on a {bg} background",
+    "there is a {colour} {shape} {place}",
+    "a {bg} background with a {size} {colour} {shape} {place}",
+    "{place} there is a {size} {colour} {shape}",
+    "a {colour} {shape} on a {bg} background",
+    "a picture of a {size} {colour} {shape} {place}",
+    "a {size} {shape} colored {colour} {place}",
+)
+
+CAPTIONS_PER_IMAGE = 5
+
+
+def make_demo_data(
+    out_dir: str | os.PathLike,
+    n_train: int = 1200,
+    n_val: int = 150,
+    n_test: int = 150,
+    image_size: int = 128,
+    seed: int = 0,
+    captions_per_image: int = CAPTIONS_PER_IMAGE,
+) -> dict:
+    """Write the demo dataset under `out_dir` and return counts and paths.
+
+    Deterministic: the same arguments give the same bytes (seeded `random.Random` per split, fixed
+    JPEG settings, no timestamps). Images go first, annotation JSONs last and atomically, so a crash
+    never leaves annotations that point at missing images.
+
+    Returns {"root", "image_dirs": {split: path}, "annotations": {split: path},
+    "attributes": {split: path}, "counts": {split: n_images}, "n_captions": {split: n},
+    "vocabulary": sorted words}.
+    """
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    for split, n in counts.items():
+        if not isinstance(n, int) or n < 1:
+            raise PipelineError(f"demo data: n_{split} must be a positive integer, got {n!r}")
+    if not isinstance(image_size, int) or image_size < 32:
+        raise PipelineError(f"demo data: image_size must be an integer >= 32, got {image_size!r}")
+    if not 1 <= captions_per_image <= len(_TEMPLATES):
+        raise PipelineError(f"demo data: captions_per_image must be 1..{len(_TEMPLATES)}, got {captions_per_image}")
+
+    root = Path(out_dir)
+    ann_dir = root / "annotations"
+    result: dict = {"root": str(root), "image_dirs": {}, "annotations": {}, "attributes": {},
+                    "counts": dict(counts), "n_captions": {}}
+    vocab: set[str] = set()
+    next_image_id, next_ann_id = 1, 1
+    for split in SPLITS:
+        # A string seed is hashed with SHA-512 by `random`, so it is stable across processes
+        # (unlike hash()), and each split gets its own stream: changing n_train leaves val/test alone.
+        rng = random.Random(f"demo-data/{seed}/{split}")
+        split_dir = root / split
+        split_dir.mkdir(parents=True, exist_ok=True)
+        images, annotations, attributes = [], [], {}
+        for _ in range(counts[split]):
+            image_id, next_image_id = next_image_id, next_image_id + 1
+            scene = sample_scene(rng)
+            file_name = f"demo_{image_id:06d}.jpg"
+            (split_dir / file_name).write_bytes(render_jpeg(scene, image_size, rng))
+            images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
+            attributes[str(image_id)] = scene
+            for caption in describe(scene, rng, captions_per_image):
+                annotations.append({"id": next_ann_id, "image_id": image_id, "caption": caption})
+                next_ann_id += 1
+                vocab.update(caption.split())
+        ann_path = ann_dir / f"captions_{split}.json"
+        attr_path = ann_dir / f"attributes_{split}.json"
+        write_json(attr_path, attributes)
+        write_json(ann_path, {
+            "info": {"description": f"pipeline synthetic shapes demo ({split}, seed {seed})",
+                     "version": "1.0", "year": 2024, "contributor": "pipeline.demo_data",
+                     "url": "", "date_created": "2024-01-01"},
+            "licenses": [],
+            "images": images,
+            "annotations": annotations,
+        })
+        result["image_dirs"][split] = str(split_dir)
+        result["annotations"][split] = str(ann_path)
+        result["attributes"][split] = str(attr_path)
+        result["n_captions"][split] = len(annotations)
+    result["vocabulary"] = sorted(vocab)
+    return result
+
+
+def sample_scene(rng: random.Random) -> dict:
+    """Draw one scene's attributes uniformly and independently (so none predicts another)."""
+    colour = rng.choice(sorted(COLOURS))
+    return {
+        "colour": colour,
+        "background": rng.choice(sorted(BACKGROUNDS)),
+        "shape": rng.choice(SHAPES),
+        "size": rng.choice(SIZES),
+        "row": rng.choice(ROWS),
+        "column": rng.choice(COLUMNS),
+    }
+
+
+def render_jpeg(scene: dict, image_size: int, rng: random.Random) -> bytes:
+    """Draw the scene and return JPEG bytes.
+
+    Small jitter in position, size and colour makes every image distinct (a decoder cannot just
+    memorise a few hundred exact pictures) without blurring the attribute boundaries.
+    """
+    from PIL import Image, ImageDraw
+
+    s = image_size
+    bg = _jitter_colour(BACKGROUNDS[scene["background"]], rng, 8)
+    fg = _jitter_colour(COLOURS[scene["colour"]], rng, 12)
+    img = Image.new("RGB", (s, s), bg)
+    draw = ImageDraw.Draw(img)
+    half = _SIZE_FRAC[scene["size"]] * s * rng.uniform(0.9, 1.1) / 2
+    grid = _GRID[scene["size"]]
+    cx = (grid[COLUMNS.index(scene["column"])] + rng.uniform(-0.03, 0.03)) * s
+    cy = (grid[ROWS.index(scene["row"])] + rng.uniform(-0.03, 0.03)) * s
+    box = [cx - half, cy - half, cx + half, cy + half]
+    shape = scene["shape"]
+    if shape == "circle":
+        draw.ellipse(box, fill=fg)
+    elif shape == "square":
+        draw.rectangle(box, fill=fg)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fg)
+    elif shape == "ring":
+        draw.ellipse(box, outline=fg, width=max(2, round(half * 0.35)))
+    elif shape == "cross":
+        t = half * 0.36
+        draw.rectangle([cx - half, cy - t, cx + half, cy + t], fill=fg)
+        draw.rectangle([cx - t, cy - half, cx + t, cy + half], fill=fg)
+    elif shape == "star":
+        pts = []
+        for k in range(10):
+            r = half if k % 2 == 0 else half * 0.45
+            a = math.pi * (k / 5 - 0.5)
+            pts.append((cx + r * math.cos(a), cy + r * math.sin(a)))
+        draw.polygon(pts, fill=fg)
+    elif shape == "stripes":
+        draw.rectangle(box, fill=fg)
+        step = max(2, round(half / 3))
+        for k in range(1, 6, 2):
+            y0 = cy - half + k * 2 * half / 6
+            draw.rectangle([cx - half, y0, cx + half, y0 + 2 * half / 6], fill=bg)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, optimize=False, progressive=False)
+    return buf.getvalue()
+
+
+def describe(scene: dict, rng: random.Random, n: int) -> list[str]:
+    """Return `n` distinct captions of the scene, each from a different template and word choice."""
+    templates = rng.sample(_TEMPLATES, n)
+    captions = []
+    for t in templates:
+        captions.append(t.format(
+            size=rng.choice(_SIZE_WORDS[scene["size"]]),
+            colour=scene["colour"],
+            shape=rng.choice(_SHAPE_WORDS[scene["shape"]]),
+            place=place_phrase(scene["row"], scene["column"], rng),
+            bg=scene["background"],
+        ))
+    # "a orange" -> "an orange", "a big" stays.
+    return [re.sub(r"\ba (?=[aeiou])", "an ", c) for c in captions]
+
+
+def place_phrase(row: str, column: str, rng: random.Random) -> str:
+    """Say where a grid cell is, in one of a few equivalent ways ("in the upper left corner")."""
+    if row == "middle" and column == "center":
+        return rng.choice(("in the middle", "in the center", "at the center"))
+    if row == "middle":
+        return rng.choice((f"on the {column}", f"on the {column} side", f"at the {column}"))
+    vertical = rng.choice(_VERTICAL_WORDS[row])
+    if column == "center":
+        return rng.choice((f"at the {vertical}", f"near the {vertical}", f"in the {vertical} middle"))
+    return rng.choice((f"in the {vertical} {column} corner", f"at the {vertical} {column}", f"in the {vertical} {column}"))
+
+
+def _jitter_colour(rgb: tuple, rng: random.Random, amount: int) -> tuple:
+    return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)

@@ -1,0 +1,95 @@
+"""Score a trained decoder on a split of the cache, the way captioning papers do.
+
+Decodes the split from the cached features (no CNN run), writes the COCO results JSON
+([{"image_id", "caption"}]) and a metrics JSON with BLEU-1..4, METEOR, ROUGE-L and CIDEr from
+pycocoevalcap, on its own 0-1 scale. METEOR needs Java; SPICE needs model downloads and is left out.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.checkpoint import load_checkpoint, restore_decoder
+from pipeline.data import CaptionData, load_cache
+from pipeline.decode import decode
+from pipeline.errors import PipelineError
+from pipeline.extract import choose_device, describe_difference
+from pipeline.fileio import write_json
+from pipeline.manifest import SPLITS
+from pipeline.metrics import score_captions
+
+
+@dataclass
+class EvalSummary:
+    split: str
+    images: int
+    scores: dict
+    notes: list = field(default_factory=list)
+    seconds: float = 0.0
+    metrics_path: str = ""
+    results_path: str = ""
+
+    def table(self) -> str:
+        keys = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
+        lines = [f"{self.split}: {self.images} images, {self.seconds:.1f} s"]
+        lines += [f"  {k:<8} {self.scores[k]:.4f}" for k in keys if k in self.scores]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def check_compatible(ckpt: dict, data: CaptionData, where: str) -> None:
+    """Refuse a checkpoint whose encoder or vocabulary is not the cache's."""
+    enc = dict(ckpt["encoder"])
+    enc.pop("weights_path", None)
+    if enc != data.encoder.identity():
+        raise PipelineError(f"{where} was trained on features from another encoder "
+                            f"({describe_difference(enc, data.encoder.identity())}): evaluate it on the cache it was "
+                            f"trained from, or retrain on this one")
+    if list(ckpt["vocab"]) != list(data.vocab.tokens):
+        raise PipelineError(f"{where} uses another vocabulary than {data.manifest.dataset} cache's vocab.json: "
+                            f"evaluate on the cache it was trained from, or retrain")
+
+
+def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = "cache", split: str = "test",
+             out: str | os.PathLike = "metrics/eval.json", results: str | os.PathLike | None = None,
+             beam_size: int = 3, max_length: int = 20, length_penalty: float = 0.0, device: str = "auto",
+             batch_size: int = 256, tokenizer: str = "auto", max_images: int = 0) -> EvalSummary:
+    if split not in SPLITS:
+        raise PipelineError(f"--split must be one of {', '.join(SPLITS)}")
+    if beam_size < 1 or max_length < 1:
+        raise PipelineError("--beam-size and --max-length must be >= 1")
+    started = time.perf_counter()
+    ckpt = load_checkpoint(checkpoint)
+    data = load_cache(cache_dir)
+    check_compatible(ckpt, data, str(checkpoint))
+    dev = choose_device(device)
+    model, vocab, _ = restore_decoder(ckpt, dev)
+    rows = data.image_rows(split)
+    if max_images:
+        rows = rows[:max_images]
+    if len(rows) == 0:
+        present = [s for s in SPLITS if len(data.image_rows(s))]
+        raise PipelineError(f"the cache has no valid images in split {split!r}: choose --split from {present}")
+    hyps = decode(model, data.features[rows].to(dev).float(), beam_size=beam_size, max_length=max_length,
+                  start_id=vocab.start_id, end_id=vocab.end_id, length_penalty=length_penalty,
+                  banned_ids=(vocab.pad_id, vocab.start_id, vocab.unk_id), batch_size=batch_size)
+    images = data.manifest.images
+    candidates = {images[int(r)].id: vocab.decode(h.tokens) for r, h in zip(rows, hyps)}
+    references = {images[int(r)].id: list(images[int(r)].captions) for r in rows}
+    missing = [i for i, refs in references.items() if not refs]
+    if missing:
+        raise PipelineError(f"{len(missing)} images of split {split!r} have no reference captions (e.g. id {missing[0]})")
+    report = score_captions(references, candidates, tokenizer=tokenizer)
+    results = Path(results) if results else Path(out).parent.parent / "results" / f"captions_{split}.json"
+    write_json(results, [{"image_id": i, "caption": c} for i, c in candidates.items()])
+    seconds = time.perf_counter() - started
+    metrics = {**report.scores, "split": split, "images": len(rows), "beam_size": beam_size,
+               "max_length": max_length, "length_penalty": length_penalty, "tokenizer": report.tokenizer,
+               "checkpoint_epoch": int(ckpt["epoch"]), "notes": list(report.notes)}
+    write_json(out, metrics)
+    return EvalSummary(split, len(rows), dict(report.scores), list(report.notes), seconds, str(out), str(results))

@@ -1,0 +1,88 @@
+"""The Show-and-Tell decoder: projection of the cached image feature + word embedding + LSTM + output layer.
+
+Wiring (Vinyals et al. 2015): the projected image feature is the LSTM's first input, only to set its
+state; then `<start>` and the caption words follow, and each output predicts the next word:
+
+    inputs:  [img]  <start>  w1  w2 ... wn
+    targets:   -      w1     w2  w3 ... <end>
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    feature_dim: int
+    vocab_size: int
+    embed_size: int = 256
+    hidden_size: int = 512
+    num_layers: int = 1
+    dropout: float = 0.0  # on the LSTM outputs, and between LSTM layers
+    batchnorm: bool = False  # BatchNorm1d after the projection (the Mastering PyTorch variant)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class CaptionDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.project = nn.Linear(cfg.feature_dim, cfg.embed_size)
+        self.bn = nn.BatchNorm1d(cfg.embed_size, momentum=0.01) if cfg.batchnorm else nn.Identity()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_size, padding_idx=0)
+        self.lstm = nn.LSTM(cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True,
+                            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def init_state(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features (B, D) -> LSTM state (h, c), each (layers, B, H), after reading the image."""
+        x = self.bn(self.project(features.to(self.project.weight.dtype)))  # (B, E)
+        _, state = self.lstm(x.unsqueeze(1))  # input (B, 1, E)
+        return state
+
+    def step(self, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+        """One decoding step: tokens (B,) -> logits (B, V), new state."""
+        y, state = self.lstm(self.embed(tokens).unsqueeze(1), state)  # y (B, 1, H)
+        return self.out(self.drop(y[:, 0])), state
+
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits for the real (unpadded) positions only.
+
+        features (B, D); inputs (B, T) = <start> w1..wn padded; lengths (B,) = n+1, sorted descending.
+        Returns (sum(lengths), V) in `pack_padded_sequence` order, so padding never reaches the loss.
+        """
+        state = self.init_state(features)
+        x = self.embed(inputs)  # (B, T, E)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=True)
+        y, _ = self.lstm(packed, state)  # y.data (sum(lengths), H)
+        return self.out(self.drop(y.data))  # (sum(lengths), V)
+
+
+def packed_targets(targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """targets (B, T) -> (sum(lengths),) in the same order as CaptionDecoder.forward's logits."""
+    return pack_padded_sequence(targets, lengths.cpu(), batch_first=True, enforce_sorted=True).data
+
+
+def teacher_forcing(words: torch.Tensor, n: torch.Tensor, start_id: int, end_id: int):
+    """Label rows -> (inputs, targets, lengths) sorted by length, longest first, and the sort order.
+
+    words (B, L) word ids padded with 0; n (B,) word counts. Inputs are <start> w1..wn, targets
+    w1..wn <end>, both (B, max(n)+1).
+    """
+    n, order = n.sort(descending=True)
+    t = int(n[0]) + 1
+    words = words[order, : t - 1]  # (B, T-1)
+    b = words.shape[0]
+    start = torch.full((b, 1), start_id, dtype=words.dtype, device=words.device)
+    inputs = torch.cat([start, words], 1)  # (B, T)
+    targets = torch.cat([words, torch.zeros_like(start)], 1)  # (B, T)
+    targets[torch.arange(b, device=words.device), n] = end_id
+    return inputs, targets, n + 1, order

@@ -1,0 +1,335 @@
+"""Stage 2: train the projection + LSTM decoder from the feature cache. The CNN is never run here.
+
+One epoch = every caption of every valid training image, in length-grouped batches (little padding),
+packed for the LSTM and the loss. After each epoch: validation loss/perplexity, greedy captions for
+the validation images scored with CIDEr and BLEU-4; the best epoch by CIDEr is kept as best.pt.
+
+Reproducibility: each epoch's batch order comes from (seed, epoch) alone and the global RNG state is
+saved with each checkpoint, so `--resume` from last.pt ends exactly where an uninterrupted run would
+(on the CPU; cuDNN kernels are not bitwise deterministic).
+
+Outputs:  OUT/last.pt, OUT/best.pt
+          METRICS/train_steps.csv   step, epoch, loss, perplexity, lr      (dvc plots)
+          METRICS/train_epochs.json [{epoch, train_loss, val_loss, val_perplexity, CIDEr, BLEU-4, ...}] (dvc plots)
+          METRICS/train.json        best epoch and its scores             (dvc metrics)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline import distributed
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.data import CaptionData, length_grouped_batches, load_cache
+from pipeline.decode import decode
+from pipeline.errors import PipelineError
+from pipeline.extract import choose_device
+from pipeline.fileio import write_json, write_text
+from pipeline.metrics import fast_scores
+from pipeline.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    amsgrad: bool = False
+    weight_decay: float = 0.0
+    clip: float = 5.0  # max gradient norm; 0 disables clipping
+    lr_decay: float = 1.0  # multiply the lr by this every `lr_decay_every` epochs
+    lr_decay_every: int = 1
+    accumulate: int = 1  # optimizer step every N batches
+    seed: int = 0
+    patience: int = 0  # stop after this many epochs without a better val CIDEr; 0 = never
+    save_every: int = 1  # write last.pt every N epochs (and always after the last one)
+    print_every: int = 100  # steps between loss lines in the log
+    max_length: int = 20  # longest caption decoded for validation
+    val_images: int = 5000  # decode at most this many validation images per epoch (0 = all)
+    device: str = "auto"
+    amp: str = "auto"  # CUDA autocast: auto (bf16 where supported), bf16, fp16, none
+
+    def check(self) -> None:
+        for name in ("epochs", "batch_size", "accumulate", "lr_decay_every", "save_every", "print_every", "max_length"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise PipelineError(f"train.lr must be > 0, got {self.lr}")
+        if self.amp not in ("auto", "bf16", "fp16", "none"):
+            raise PipelineError(f"train.amp must be auto, bf16, fp16 or none, got {self.amp!r}")
+
+
+@dataclass
+class TrainSummary:
+    epochs_run: int
+    steps: int
+    best_epoch: int
+    best: dict
+    seconds: float
+    captions_per_second: float
+    out: str
+    history: list = field(default_factory=list)
+
+    def line(self) -> str:
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in self.best.items() if isinstance(v, float))
+        return (f"trained {self.epochs_run} epoch(s), {self.steps} steps, {self.seconds:.1f} s "
+                f"({self.captions_per_second:.0f} captions/s); best epoch {self.best_epoch}: {scores} -> {self.out}")
+
+
+class Trainer:
+    """Model, optimizer and the one training step; shared by `train` and `pipeline bench train`."""
+
+    def __init__(self, model: CaptionDecoder, cfg: TrainConfig, device: torch.device, ddp: bool = False):
+        self.model = model.to(device)
+        self.cfg = cfg
+        self.device = device
+        self.net = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+                    if ddp else self.model)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, amsgrad=cfg.amsgrad, weight_decay=cfg.weight_decay)
+        amp = cfg.amp if device.type == "cuda" else "none"
+        if amp == "auto":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def set_lr(self, epoch: int) -> float:
+        lr = self.cfg.lr * self.cfg.lr_decay ** (epoch // self.cfg.lr_decay_every)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def loss(self, features, words, n, start_id: int, end_id: int):
+        return caption_loss(self.net, features, words, n, start_id, end_id, self.device, self.amp_dtype)
+
+    def step(self, features, words, n, start_id, end_id, update: bool = True) -> torch.Tensor:
+        """Forward + backward; with `update`, clip and take an optimizer step. Returns the detached loss."""
+        loss, _ = self.loss(features, words, n, start_id, end_id)
+        self.scaler.scale(loss / self.cfg.accumulate).backward()
+        if update:
+            if self.cfg.clip > 0:
+                self.scaler.unscale_(self.opt)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def caption_loss(net, features: torch.Tensor, words: torch.Tensor, n: torch.Tensor, start_id: int, end_id: int,
+                 device: torch.device, amp_dtype=None) -> tuple[torch.Tensor, int]:
+    """Mean token cross-entropy of a batch, and its token count.
+
+    features (B, D) any float dtype; words (B, L) 0-padded word ids; n (B,) word counts (on the CPU,
+    since packing needs CPU lengths).
+    """
+    inputs, targets, lengths, order = teacher_forcing(words, n, start_id, end_id)  # (B, T), (B, T), (B,)
+    features = features[order].to(device, non_blocking=True).float()
+    inputs = inputs.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = net(features, inputs, lengths)  # (sum(lengths), V)
+    loss = F.cross_entropy(logits.float(), packed_targets(targets, lengths))
+    return loss, int(lengths.sum())
+
+
+def epoch_batches(data: CaptionData, rows: torch.Tensor, cfg: TrainConfig, epoch: int,
+                  dist: distributed.Context) -> list[torch.Tensor]:
+    """This rank's batches of `epoch`: the same global batches for any number of processes, each rank
+    taking an interleaved slice of every batch (so N processes follow the 1-process run closely)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    batches = length_grouped_batches(rows, data.lengths, cfg.batch_size, g)
+    if dist.enabled:
+        batches = [b[dist.rank::dist.world_size] for b in batches if len(b) >= dist.world_size]
+    return batches
+
+
+def run_epoch(trainer: Trainer, data: CaptionData, batches: list[torch.Tensor], progress: bool = False,
+              desc: str = "train") -> list[float]:
+    """Train over `batches`; returns the per-step losses (fetched from the device once, at the end)."""
+    trainer.model.train()
+    vocab = data.vocab
+    losses = []
+    bar = tqdm(total=sum(len(b) for b in batches), unit="cap", desc=desc, disable=not progress,
+               dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+    for i, rows in enumerate(batches):
+        update = (i + 1) % trainer.cfg.accumulate == 0 or i == len(batches) - 1
+        feats = data.features[data.caption_image[rows]]  # (B, D) float16 in memory
+        loss = trainer.step(feats, data.labels[rows], data.lengths[rows], vocab.start_id, vocab.end_id, update)
+        losses.append(loss)
+        bar.update(len(rows))
+        if progress and (i + 1) % trainer.cfg.print_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return torch.stack(losses).float().cpu().tolist() if losses else []
+
+
+@torch.no_grad()
+def validate(model: CaptionDecoder, data: CaptionData, cfg: TrainConfig, device: torch.device,
+             val_images: torch.Tensor, references: dict) -> dict:
+    """Validation loss/perplexity over every val caption, and greedy-decoding CIDEr/BLEU-4."""
+    model.eval()
+    rows = data.caption_rows("val")
+    total, tokens = 0.0, 0
+    v = data.vocab
+    for b in torch.split(rows, cfg.batch_size * 4):
+        loss, n_tok = caption_loss(model, data.features[data.caption_image[b]], data.labels[b], data.lengths[b],
+                                   v.start_id, v.end_id, device)
+        total += float(loss) * n_tok
+        tokens += n_tok
+    out = {}
+    if tokens:
+        out["val_loss"] = total / tokens
+        out["val_perplexity"] = math.exp(min(out["val_loss"], 50.0))
+    if len(val_images):
+        hyps = decode(model, data.features[val_images].to(device).float(), beam_size=1, max_length=cfg.max_length,
+                      start_id=v.start_id, end_id=v.end_id, banned_ids=(v.pad_id, v.start_id, v.unk_id))
+        candidates = {int(r): v.decode(h.tokens) for r, h in zip(val_images, hyps)}
+        out.update(fast_scores(references, candidates))
+    return out
+
+
+def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "checkpoints",
+          metrics_dir: str | os.PathLike = "metrics", cfg: TrainConfig | None = None, embed_size: int = 256,
+          hidden_size: int = 512, num_layers: int = 1, dropout: float = 0.0, batchnorm: bool = False,
+          resume: bool = False, progress: bool = True, log=print) -> TrainSummary:
+    cfg = cfg or TrainConfig()
+    cfg.check()
+    out, metrics_dir = Path(out), Path(metrics_dir)
+    dist = distributed.context()
+    device = choose_device(cfg.device if cfg.device != "auto" else
+                           (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"))
+    data = load_cache(cache_dir)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model_cfg = ModelConfig(feature_dim=data.encoder.feature_dim, vocab_size=len(data.vocab), embed_size=embed_size,
+                            hidden_size=hidden_size, num_layers=num_layers, dropout=dropout, batchnorm=batchnorm)
+    train_rows = data.caption_rows("train")
+    if len(train_rows) == 0:
+        raise PipelineError(f"{cache_dir} has no training captions with a valid image: check `pipeline prepare`'s summary")
+    val_images = data.image_rows("val")
+    if cfg.val_images:
+        val_images = val_images[: cfg.val_images]
+    references = data.references(val_images)
+
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(CaptionDecoder(model_cfg), cfg, device, ddp=dist.enabled)
+    state = {"epoch": 0, "step": 0, "best_epoch": 0, "best": {}, "best_score": -math.inf, "bad_epochs": 0,
+             "history": [], "seconds": 0.0, "captions": 0}
+    steps_log: list[dict] = []
+    last = out / "last.pt"
+    if resume and last.exists():
+        ckpt = load_checkpoint(last)
+        _check_resumable(ckpt, data, model_cfg, last)
+        trainer.model.load_state_dict(ckpt["model"])
+        trainer.opt.load_state_dict(ckpt["optimizer"])
+        state.update(ckpt["train_state"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        steps_log = [r for r in _read_steps(metrics_dir / "train_steps.csv") if r["step"] <= state["step"]]
+        log(f"resuming from {last}: epoch {state['epoch']}, step {state['step']}")
+    elif resume:
+        log(f"--resume: no {last} yet, starting from scratch")
+
+    def save(path: Path) -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        save_checkpoint(path, {"model": trainer.model.state_dict(), "optimizer": trainer.opt.state_dict(),
+                               "model_config": model_cfg.as_dict(), "train_config": asdict(cfg),
+                               "vocab": list(data.vocab.tokens), "encoder": data.encoder.as_dict(),
+                               "cache": {k: v for k, v in data.fingerprints.items() if k != "features_settings"},
+                               "epoch": state["epoch"], "step": state["step"], "train_state": dict(state), "rng": rng})
+
+    stopped_early = False
+    for epoch in range(state["epoch"], cfg.epochs):
+        lr = trainer.set_lr(epoch)
+        batches = epoch_batches(data, train_rows, cfg, epoch, dist)
+        t0 = time.perf_counter()
+        losses = run_epoch(trainer, data, batches, progress and dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        seconds = time.perf_counter() - t0
+        n_captions = sum(len(b) for b in batches) * dist.world_size
+        for i, loss in enumerate(losses):
+            steps_log.append({"step": state["step"] + i + 1, "epoch": epoch + 1, "loss": loss,
+                              "perplexity": math.exp(min(loss, 50.0)), "lr": lr})
+        state["step"] += len(losses)
+        state["epoch"] = epoch + 1
+        state["seconds"] += seconds
+        state["captions"] += n_captions
+        if not dist.is_main:
+            dist.barrier()
+            continue
+        val = validate(trainer.model, data, cfg, device, val_images, references)
+        row = {"epoch": epoch + 1, "step": state["step"], "lr": lr,
+               "train_loss": sum(losses) / max(len(losses), 1), **val,
+               "seconds": seconds, "captions_per_second": n_captions / seconds if seconds else 0.0}
+        state["history"].append(row)
+        score = val.get("CIDEr", -val.get("val_loss", 0.0))
+        improved = score > state["best_score"]
+        if improved:
+            state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0,
+                         best={k: row[k] for k in ("val_loss", "val_perplexity", "CIDEr", "BLEU-4") if k in row})
+        else:
+            state["bad_epochs"] += 1
+        log(" ".join([f"epoch {epoch + 1}: train_loss {row['train_loss']:.4f}"] +
+                     [f"{k} {row[k]:.4f}" for k in ("val_loss", "val_perplexity", "CIDEr", "BLEU-4") if k in row] +
+                     [f"{row['captions_per_second']:.0f} captions/s", "(best)" if improved else ""]))
+        stopped_early = bool(cfg.patience) and state["bad_epochs"] >= cfg.patience
+        if improved:
+            save(out / "best.pt")
+        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stopped_early:
+            save(last)
+            _write_logs(metrics_dir, steps_log, state, cfg)
+        dist.barrier()
+        if stopped_early:
+            log(f"early stop: no better validation CIDEr for {cfg.patience} epoch(s)")
+            break
+    if dist.is_main:
+        _write_logs(metrics_dir, steps_log, state, cfg)
+    return TrainSummary(epochs_run=state["epoch"], steps=state["step"], best_epoch=state["best_epoch"],
+                        best=dict(state["best"]), seconds=state["seconds"],
+                        captions_per_second=state["captions"] / state["seconds"] if state["seconds"] else 0.0,
+                        out=str(out), history=list(state["history"]))
+
+
+def _check_resumable(ckpt: dict, data: CaptionData, model_cfg: ModelConfig, path: Path) -> None:
+    cache = ckpt.get("cache", {})
+    if cache.get("vocab") != data.fingerprints["vocab"] or cache.get("features") != data.fingerprints["features"]:
+        raise PipelineError(f"{path} was trained on another cache (vocabulary or features differ): "
+                            f"train from scratch (drop --resume) or point --cache-dir at the cache it used")
+    if ckpt["model_config"] != model_cfg.as_dict():
+        raise PipelineError(f"{path} has other model settings ({ckpt['model_config']}) than asked "
+                            f"({model_cfg.as_dict()}): resume with the same settings or drop --resume")
+
+
+def _read_steps(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{"step": int(r["step"]), "epoch": int(r["epoch"]), "loss": float(r["loss"]),
+                 "perplexity": float(r["perplexity"]), "lr": float(r["lr"])} for r in csv.DictReader(f)]
+
+
+def _write_logs(metrics_dir: Path, steps_log: list[dict], state: dict, cfg: TrainConfig) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["step", "epoch", "loss", "perplexity", "lr"], lineterminator="\n")
+    w.writeheader()
+    for r in steps_log:
+        w.writerow({**r, "loss": f"{r['loss']:.6f}", "perplexity": f"{r['perplexity']:.4f}", "lr": f"{r['lr']:.3g}"})
+    write_text(metrics_dir / "train_steps.csv", buf.getvalue())
+    write_json(metrics_dir / "train_epochs.json", state["history"])
+    summary = {"best_epoch": state["best_epoch"], **state["best"], "epochs": state["epoch"], "steps": state["step"],
+               "train_seconds": round(state["seconds"], 3),
+               "captions_per_second": round(state["captions"] / state["seconds"], 1) if state["seconds"] else 0.0}
+    write_json(metrics_dir / "train.json", summary)
