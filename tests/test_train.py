@@ -1,0 +1,202 @@
+"""Stage 2: training from the cache, resume, decoding with the real decoder, evaluate, caption, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.checkpoint import load_checkpoint, restore_decoder
+from pipeline.cli import main
+from pipeline.data import length_grouped_batches, load_cache
+from pipeline.decode import beam_search, greedy_decode
+from pipeline.errors import PipelineError
+from pipeline.evaluate import evaluate
+from pipeline.extract import extract
+from pipeline.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
+from pipeline.train import TrainConfig, train
+from pipeline.vocab import Vocabulary
+
+SMALL = dict(arch="resnet18", weights="none", resize=72, crop=64, batch_size=8, workers=0, progress=False)
+TINY_MODEL = dict(embed_size=32, hidden_size=48)
+
+
+@pytest.fixture
+def cache(prepared_cache: Path) -> Path:
+    extract(prepared_cache, **SMALL)
+    return prepared_cache
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"epochs": 2, "batch_size": 8, "lr": 5e-3, "device": "cpu", **kw})
+
+
+def run(cache: Path, out: Path, model: dict | None = None, **kw):
+    return train(cache, out / "ckpt", out / "metrics", cfg(**kw), progress=False, log=lambda m: None,
+                 **{**TINY_MODEL, **(model or {})})
+
+
+def test_teacher_forcing_and_packing():
+    words = torch.tensor([[5, 6, 0, 0], [7, 8, 9, 0]])
+    inputs, targets, lengths, order = teacher_forcing(words, torch.tensor([2, 3]), start_id=1, end_id=2)
+    assert order.tolist() == [1, 0] and lengths.tolist() == [4, 3]
+    assert inputs.tolist() == [[1, 7, 8, 9], [1, 5, 6, 0]]
+    assert targets.tolist() == [[7, 8, 9, 2], [5, 6, 2, 0]]
+    packed = packed_targets(targets, lengths)
+    assert sorted(packed.tolist()) == sorted([7, 8, 9, 2, 5, 6, 2])  # no padding reaches the loss
+
+
+def test_length_grouped_batches_cover_every_caption_once():
+    lengths = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3] * 5)
+    rows = torch.arange(len(lengths))
+    batches = length_grouped_batches(rows, lengths, 8, torch.Generator().manual_seed(0))
+    assert sorted(torch.cat(batches).tolist()) == rows.tolist()
+    spread = sum(int(lengths[b].max() - lengths[b].min()) for b in batches)
+    assert spread <= 8  # sorted by length: a batch spans at most one length boundary or two
+
+
+def test_training_reduces_loss_and_writes_outputs(cache, tmp_path):
+    s = run(cache, tmp_path, epochs=4)
+    hist = s.history
+    losses = [h["train_loss"] for h in hist]
+    assert len(hist) == 4 and all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.8 * losses[0]
+    assert hist[-1]["val_loss"] < hist[0]["val_loss"]
+    for key in ("val_loss", "val_perplexity", "CIDEr", "BLEU-4", "captions_per_second"):
+        assert key in hist[0]
+    ck = tmp_path / "ckpt"
+    assert (ck / "last.pt").exists() and (ck / "best.pt").exists()
+    m = tmp_path / "metrics"
+    lines = (m / "train_steps.csv").read_text().splitlines()
+    assert lines[0] == "step,epoch,loss,perplexity,lr" and len(lines) == 1 + s.steps
+    assert json.loads((m / "train_epochs.json").read_text())[-1]["epoch"] == 4
+    summary = json.loads((m / "train.json").read_text())
+    assert summary["best_epoch"] == s.best_epoch and "CIDEr" in summary
+    ckpt = load_checkpoint(ck / "last.pt")
+    assert ckpt["encoder"]["arch"] == "resnet18" and ckpt["encoder"]["crop"] == 64
+    assert ckpt["vocab"] == Vocabulary.load(cache).tokens and ckpt["epoch"] == 4
+    assert ckpt["model_config"]["hidden_size"] == 48 and "optimizer" in ckpt and "torch" in ckpt["rng"]
+
+
+def test_resume_reproduces_uninterrupted_run(cache, tmp_path):
+    noisy = {"dropout": 0.3, "num_layers": 2}  # dropout draws random numbers: resume must restore the RNG
+    straight = run(cache, tmp_path / "a", noisy, epochs=3)
+    run(cache, tmp_path / "b", noisy, epochs=1)
+    resumed = train(cache, tmp_path / "b" / "ckpt", tmp_path / "b" / "metrics", cfg(epochs=3), resume=True,
+                    progress=False, log=lambda m: None, **TINY_MODEL, **noisy)
+    a = load_checkpoint(tmp_path / "a" / "ckpt" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "ckpt" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "metrics" / "train_steps.csv").read_text() == \
+        (tmp_path / "b" / "metrics" / "train_steps.csv").read_text()
+    assert [h["val_loss"] for h in straight.history] == [h["val_loss"] for h in resumed.history]
+
+
+def test_resume_with_other_model_settings_is_refused(cache, tmp_path):
+    run(cache, tmp_path, epochs=1)
+    with pytest.raises(PipelineError, match="other model settings"):
+        train(cache, tmp_path / "ckpt", tmp_path / "metrics", cfg(), resume=True, progress=False,
+              log=lambda m: None, embed_size=16, hidden_size=48)
+
+
+def test_beam_one_equals_greedy_with_real_decoder():
+    torch.manual_seed(0)
+    model = CaptionDecoder(ModelConfig(feature_dim=10, vocab_size=12, embed_size=8, hidden_size=16)).eval()
+    feats = torch.randn(5, 10)
+    g = greedy_decode(model, feats, max_length=6, start_id=1, end_id=2, banned_ids=(0, 1, 3))
+    b = beam_search(model, feats, beam_size=1, max_length=6, start_id=1, end_id=2, banned_ids=(0, 1, 3))
+    assert [h.tokens for h in g] == [h.tokens for h in b]
+    assert [h.logprob for h in g] == pytest.approx([h.logprob for h in b], abs=1e-6)
+    wide = beam_search(model, feats, beam_size=8, max_length=6, start_id=1, end_id=2, banned_ids=(0, 1, 3))
+    assert all(w.logprob >= h.logprob - 1e-6 for w, h in zip(wide, g))  # a beam never does worse than greedy
+
+
+def test_evaluate_writes_every_metric(cache, tmp_path):
+    run(cache, tmp_path, epochs=2)
+    out = tmp_path / "eval.json"
+    s = evaluate(tmp_path / "ckpt" / "best.pt", cache, split="val", out=out, results=tmp_path / "res.json",
+                 beam_size=2, tokenizer="simple")
+    metrics = json.loads(out.read_text())
+    for key in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"):
+        assert 0.0 <= metrics[key] <= (10.0 if key == "CIDEr" else 1.0)
+    assert metrics["split"] == "val" and metrics["images"] == s.images == 6
+    assert any("SPICE" in n for n in metrics["notes"])
+    results = json.loads((tmp_path / "res.json").read_text())
+    assert len(results) == 6 and set(results[0]) == {"image_id", "caption"}
+    with pytest.raises(PipelineError, match="no valid images in split 'test'"):
+        evaluate(tmp_path / "ckpt" / "best.pt", cache, split="test", out=out, tokenizer="simple")
+
+
+def test_mismatched_cache_is_refused(cache, tmp_path):
+    run(cache, tmp_path, epochs=1)
+    # features re-extracted with another encoder: the checkpoint must not be scored on them
+    extract(cache, force=True, **{**SMALL, "arch": "resnet34"})
+    with pytest.raises(PipelineError, match="another encoder.*arch"):
+        evaluate(tmp_path / "ckpt" / "last.pt", cache, split="val", out=tmp_path / "e.json", tokenizer="simple")
+    # a vocabulary that does not belong to labels.h5
+    v = Vocabulary.load(cache)
+    Vocabulary(v.tokens + ["zebra"]).save(cache / "vocab.json")
+    with pytest.raises(PipelineError, match="another vocabulary"):
+        load_cache(cache)
+
+
+def test_features_from_another_manifest_are_refused(cache, prepared_cache, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(cache, other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["images"] = m["images"][::-1]
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PipelineError, match="manifest"):
+        load_cache(other)
+
+
+def test_checkpoint_with_unexpected_object_is_refused(cache, tmp_path):
+    run(cache, tmp_path, epochs=1)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    ckpt["extra"] = Path("/etc/passwd")  # any non-tensor, non-plain object
+    torch.save(ckpt, tmp_path / "evil.pt")
+    with pytest.raises(PipelineError, match="refusing to load"):
+        load_checkpoint(tmp_path / "evil.pt")
+    (tmp_path / "trunc.pt").write_bytes((tmp_path / "ckpt" / "last.pt").read_bytes()[:1000])
+    with pytest.raises(PipelineError, match="cannot read"):
+        load_checkpoint(tmp_path / "trunc.pt")
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(PipelineError, match="not a `pipeline train` checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(tmp_path / "evil.pt"), "--cache-dir", str(cache)])
+    assert r.exit_code == 1 and r.output.startswith("Error: refusing") and "Traceback" not in r.output
+
+
+def test_cli_end_to_end(coco_dataset, tmp_path, monkeypatch):
+    """prepare -> extract -> train -> evaluate -> caption through the command line, as a user runs it."""
+    monkeypatch.chdir(tmp_path)
+    cli = CliRunner()
+
+    def ok(*args):
+        r = cli.invoke(main, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    ann, img = coco_dataset["annotations"], coco_dataset["images"]
+    ok("prepare", "--dataset", "coco", "--annotations", ann[0], "--annotations", ann[1], "--images", img[0],
+       "--images", img[1], "--vocab-threshold", "1")
+    ok("extract", "--arch", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--workers", "0", "--quiet")
+    ok("train", "--epochs", "2", "--batch-size", "8", "--lr", "0.005", "--embed-size", "32", "--hidden-size", "48",
+       "--quiet", "--device", "cpu")
+    out = ok("evaluate", "--split", "val", "--tokenizer", "simple", "--beam-size", "2")
+    assert "CIDEr" in out and json.loads(Path("metrics/eval.json").read_text())["images"] == 6
+    bad = Path(img[1]) / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    out = ok("caption", str(img[1]), "--json", "caps.json", "--html", "caps.html", "--beam-size", "2")
+    lines = [l for l in out.splitlines() if "\t" in l]
+    assert len(lines) == 6 and all(l.split("\t")[1].strip() for l in lines)
+    assert "skipped" in out and "broken.jpg" in out
+    caps = json.loads(Path("caps.json").read_text())
+    assert len(caps) == 6 and {"image_id", "caption"} <= set(caps[0])
+    page = Path("caps.html").read_text()
+    assert page.count("<img ") == 6 and "data:image/jpeg;base64," in page
+    r = cli.invoke(main, ["caption", "nothing-here/*.jpg"])
+    assert r.exit_code == 1 and "Error:" in r.output
