@@ -18,12 +18,18 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 test: venv
 	$(BIN)/python -m pytest -q tests
 
+# The whole pipeline on generated demo data (no download): dvc repro, metrics, captions, HTML page.
 demo: venv
-	$(BIN)/python -m pipeline demo
+	$(BIN)/pipeline demo-data data/demo
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show
+	$(BIN)/pipeline --params params.yaml caption data/demo/test --checkpoint checkpoints/best.pt \
+		--html results/demo.html --json results/demo_captions.json 2>/dev/null | head -n 8
+	@echo "captions page: results/demo.html"
 
 bench: venv
 	$(BIN)/python -m pipeline bench extract --arch resnet18 --weights none
 	$(BIN)/python -m pipeline bench train
 
 clean:
-	rm -rf cache checkpoints metrics results
+	rm -rf cache checkpoints metrics results data/demo

@@ -23,20 +23,61 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except PipelineError as e:
+            from pipeline import distributed
+
+            if isinstance(e, distributed.SharedError) and not distributed.context().is_main:
+                sys.exit(1)  # under torchrun, rank 0 prints the shared message once
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted: finished work is kept; rerun the same command to continue", err=True)
             sys.exit(130)
 
 
+# Which params.yaml sections feed which command, and renamed keys (section key -> option name).
+PARAMS_SECTIONS = {
+    "prepare": {"data": {}, "vocab": {"threshold": "vocab_threshold"}},
+    "extract": {"encoder": {}},
+    "train": {"model": {}, "train": {}},
+    "evaluate": {"eval": {}},
+    "caption": {"eval": {"split": None, "tokenizer": None, "max_images": None}},
+}
+
+
+def params_defaults(path: str) -> dict:
+    """params.yaml -> click default_map: each command takes its defaults from its own sections."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise click.BadParameter(f"cannot read {path}: {e.strerror}", param_hint="--params") from None
+    except yaml.YAMLError as e:
+        raise click.BadParameter(f"{path} is not valid YAML: {e}", param_hint="--params") from None
+    out: dict = {}
+    for command, sections in PARAMS_SECTIONS.items():
+        for section, renames in sections.items():
+            for key, value in (params.get(section) or {}).items():
+                name = renames.get(key, key)
+                if name is not None:
+                    out.setdefault(command, {})[name] = value
+    return out
+
+
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="pipeline")
-def main() -> None:
+@click.option("--params", "params_file", default=None, type=click.Path(dir_okay=False),
+              help="Take option defaults from this params.yaml (sections data, vocab, encoder, model, train, "
+                   "eval); options given on the command line still win.")
+@click.pass_context
+def main(ctx: click.Context, params_file: str | None) -> None:
     """Show-and-Tell image captioning: cache frozen-ResNet features once, retrain decoders in minutes.
 
     Stages: prepare -> extract -> train -> evaluate, plus caption for new images.
-    `dvc repro` runs them all from params.yaml.
+    `dvc repro` runs them all from params.yaml (see dvc.yaml).
     """
+    if params_file:
+        ctx.default_map = params_defaults(params_file)
 
 
 # --------------------------------------------------------------------------------------------- prepare
@@ -260,6 +301,71 @@ def download_coco2014(dest, base_url, karpathy_url, delete_archives):
     summary = run(dest, base_url=base_url, karpathy_url=karpathy_url, keep_archives=not delete_archives,
                   log=lambda m: click.echo(m, err=True))
     click.echo(summary.line())
+
+
+# ------------------------------------------------------------------------------------------- demo-data
+@main.command("demo-data")
+@click.argument("dest", type=click.Path())
+@click.option("--train", "n_train", default=1200, show_default=True, type=click.IntRange(1))
+@click.option("--val", "n_val", default=150, show_default=True, type=click.IntRange(1))
+@click.option("--test", "n_test", default=150, show_default=True, type=click.IntRange(1))
+@click.option("--size", "image_size", default=128, show_default=True, type=click.IntRange(32), help="Image side in pixels.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def demo_data(dest, n_train, n_val, n_test, image_size, seed):
+    """Generate the offline demo dataset (COCO captions format) into DEST, deterministically."""
+    from pipeline.demo_data import make_demo_data
+
+    info = make_demo_data(dest, n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size, seed=seed)
+    click.echo(f"demo data -> {dest}: {info}")
+
+
+# ----------------------------------------------------------------------------------------------- bench
+@main.group()
+def bench():
+    """Throughput benchmarks that print their figures and ratios."""
+
+
+@bench.command("extract")
+@click.option("--images", "images", multiple=True, default=["../shared/data/flickr8k/images"], show_default=True,
+              help="Image files, folders or globs to run over (repeatable).")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(0), help="Use the first N images (0: all).")
+@extract_options
+@click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the figures as JSON.")
+def bench_extract_cmd(images, limit, arch, weights, batch_size, workers, device, resize, crop, amp, json_out):
+    """Bare encoder forward vs full `extract` throughput on the same images, and their ratio."""
+    from pipeline.bench import bench_extract
+    from pipeline.fileio import write_json
+
+    res = bench_extract(list(images), arch=arch, weights=weights, batch_size=batch_size, workers=workers,
+                        device=device, resize=resize, crop=crop, amp=amp, limit=limit, log=click.echo)
+    if json_out:
+        write_json(json_out, res)
+
+
+@bench.command("train")
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(),
+              help="A prepared and extracted cache.")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--embed-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--hidden-size", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--amp", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"]))
+@click.option("--max-batches", default=0, show_default=True, type=click.IntRange(0),
+              help="Time only the first N batches of the epoch (0: the whole epoch).")
+@click.option("--notebook-batches", default=10, show_default=True, type=click.IntRange(1),
+              help="Batches timed the notebook way (ResNet at every step).")
+@click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the figures as JSON.")
+def bench_train_cmd(cache_dir, batch_size, embed_size, hidden_size, device, amp, max_batches, notebook_batches,
+                    json_out):
+    """Bare decoder step vs `train` from the cache vs the ResNet-every-step notebook way."""
+    from pipeline.bench import bench_train
+    from pipeline.fileio import write_json
+
+    res = bench_train(cache_dir, batch_size=batch_size, embed_size=embed_size, hidden_size=hidden_size,
+                      device=device, amp=amp, notebook_batches=notebook_batches, max_batches=max_batches,
+                      log=click.echo)
+    if json_out:
+        write_json(json_out, res)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ Crash safety: work is done in fixed chunks of rows; each finished chunk is writt
 chunk, and the next run computes only the rest. Batches never straddle chunks, so a resumed run feeds
 the network exactly the batches an uninterrupted run would, and the assembled file is identical.
 The assembled file is itself written to a temp file and renamed, then the parts are removed.
-The same chunks are the unit of work for many processes (torchrun): rank r takes chunks r, r+W, ...
+The same chunks are the unit of work for many processes (torchrun): rank r of W takes the r-th, (r+W)-th,
+... of the chunks still to do, and rank 0 joins the parts; see `extract`.
 """
 
 from __future__ import annotations
@@ -116,54 +117,83 @@ def extract(cache_dir: str | os.PathLike = "cache", arch: str = "resnet152", wei
             device: str | None = None, dtype: str = "float16", resize: int = 256, crop: int = 224,
             amp: str = "auto", chunk_size: int = 1024, force: bool = False,
             progress: bool = True) -> ExtractSummary:
-    """Extract features for every image in `cache_dir/manifest.json` into `out` (default cache_dir/features.h5)."""
-    if dtype not in DTYPES:
-        raise PipelineError(f"--dtype {dtype!r}: choose float16 or float32")
-    if batch_size < 1 or chunk_size < 1:
-        raise PipelineError("--batch-size and --chunk-size must be positive")
+    """Extract features for every image in `cache_dir/manifest.json` into `out` (default cache_dir/features.h5).
+
+    Under torchrun (see `pipeline.distributed`): rank 0 alone checks the settings and the existing
+    cache, prepares the parts folder and lists the chunks still to do; the ranks split that list
+    (chunk i of it to rank i % W: every chunk on the first run, only the missing ones on a rerun, so
+    a rerun after a crash is balanced again); once every rank's parts are written, rank 0 joins
+    them. Which rank computes a chunk does not change its batches, so the file is the same as a
+    one-process run's, byte for byte (on the CPU; on GPUs as far as the kernels are deterministic).
+    """
     cache_dir = Path(cache_dir)
-    manifest = load_manifest(cache_dir)
     out = Path(out) if out else cache_dir / FEATURES_NAME
     parts_dir = out.with_name(out.name + ".parts")
-    spec = make_spec(arch, weights, resize, crop)
-    preprocess = spec.preprocess
-    settings = cache_settings(spec, preprocess, dtype, manifest)
     dist = distributed.context()
+    job: dict = {}
 
-    if out.exists() and not force:
-        old = settings_of(read_cache_attrs(out))
-        if old == settings:
-            if dist.is_main and parts_dir.exists():
-                shutil.rmtree(parts_dir, ignore_errors=True)  # left by a run killed after its final rename
-            return _summary_from_file(out, up_to_date=True)
-        raise PipelineError(f"{out} was made with other settings ({describe_difference(old or {}, settings)}). "
-                            f"It is never reused or mixed: rerun with --force to rebuild it, or use --out for a second cache")
-
-    if dist.is_main:
+    def plan():
+        """Rank 0: refuse, report up to date, or list the chunks that have no finished part yet."""
+        if dtype not in DTYPES:
+            raise PipelineError(f"--dtype {dtype!r}: choose float16 or float32")
+        if batch_size < 1 or chunk_size < 1:
+            raise PipelineError("--batch-size and --chunk-size must be positive")
+        job["manifest"] = manifest = load_manifest(cache_dir)
+        job["spec"] = spec = make_spec(arch, weights, resize, crop)
+        settings = cache_settings(spec, spec.preprocess, dtype, manifest)
+        if out.exists() and not force:
+            old = settings_of(read_cache_attrs(out))
+            if old == settings:
+                if parts_dir.exists():
+                    shutil.rmtree(parts_dir, ignore_errors=True)  # left by a run killed after its final rename
+                return None, _summary_from_file(out, up_to_date=True)
+            raise PipelineError(f"{out} was made with other settings ({describe_difference(old or {}, settings)}). "
+                                f"It is never reused or mixed: rerun with --force to rebuild it, or use --out for a second cache")
         if force:
             shutil.rmtree(parts_dir, ignore_errors=True)
         _prepare_parts_dir(parts_dir, settings, chunk_size)
-    dist.barrier()
+        return [c for c in _chunks(len(manifest.images), chunk_size) if not _part_ok(parts_dir, c)], None
 
-    n = len(manifest.images)
-    chunks = [(k, s, min(s + chunk_size, n)) for k, s in enumerate(range(0, n, chunk_size))]
-    mine = [c for c in chunks if c[0] % dist.world_size == dist.rank]
-    pending = [c for c in mine if not _part_ok(parts_dir, c)]
+    pending, up_to_date = dist.decide(plan)
+    if up_to_date is not None:
+        return up_to_date
+    if not job:  # the other ranks: rank 0 has checked these already
+        job["manifest"] = load_manifest(cache_dir)
+        job["spec"] = make_spec(arch, weights, resize, crop)
+    manifest, spec = job["manifest"], job["spec"]
+    preprocess = spec.preprocess
+    settings = cache_settings(spec, preprocess, dtype, manifest)
+    mine = pending[dist.rank::dist.world_size]
 
     dev = choose_device(device if device else (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else None))
+    if dist.enabled and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", dist.local_rank)  # `--device cuda` / auto: this rank's own GPU
     started = time.perf_counter()
     computed = 0
-    if pending:
-        computed = _compute(manifest, spec, preprocess, pending, parts_dir, dtype, dev, batch_size,
+    if mine:
+        computed = _compute(manifest, spec, preprocess, mine, parts_dir, dtype, dev, batch_size,
                             default_workers(dev) if workers is None else workers, amp, progress and dist.is_main)
     seconds = time.perf_counter() - started
-    dist.barrier()
-    if dist.is_main:
+    done = dist.all_gather((computed, seconds))  # also the barrier: every part is written before rank 0 joins them
+
+    def assemble() -> ExtractSummary:
+        chunks = _chunks(len(manifest.images), chunk_size)
+        missing = [_part_path(parts_dir, k).name for k, _, _ in chunks if not _part_path(parts_dir, k).exists()]
+        if missing:
+            raise PipelineError(f"{len(missing)} finished part(s) are not in {parts_dir} (e.g. {missing[0]}): with "
+                                f"several machines the cache folder must be on a filesystem they all share. "
+                                f"Rerun the same command to compute them")
         _assemble(out, parts_dir, chunks, manifest, spec, preprocess, settings, dtype)
-    dist.barrier()
-    summary = _summary_from_file(out, up_to_date=False)
-    summary.computed, summary.seconds = computed, seconds
+        return _summary_from_file(out, up_to_date=False)
+
+    summary = dist.decide(assemble)
+    summary.computed, summary.seconds = sum(c for c, _ in done), max(s for _, s in done)
     return summary
+
+
+def _chunks(n: int, chunk_size: int) -> list[tuple[int, int, int]]:
+    """(k, start, end) of every chunk of rows: the unit of work, of crash safety and of the parts."""
+    return [(k, s, min(s + chunk_size, n)) for k, s in enumerate(range(0, n, chunk_size))]
 
 
 def _prepare_parts_dir(parts_dir: Path, settings: dict, chunk_size: int) -> None:

@@ -12,10 +12,24 @@ Outputs:  OUT/last.pt, OUT/best.pt
           METRICS/train_steps.csv   step, epoch, loss, perplexity, lr      (dvc plots)
           METRICS/train_epochs.json [{epoch, train_loss, val_loss, val_perplexity, CIDEr, BLEU-4, ...}] (dvc plots)
           METRICS/train.json        best epoch and its scores             (dvc metrics)
+
+Many processes (`torchrun --nproc_per_node N -m pipeline train ...`, see `pipeline.distributed`):
+DistributedDataParallel, one process per GPU (LOCAL_RANK) with nccl, or per CPU share with gloo.
+Every rank builds the same global batches and takes an interleaved slice of each, and scales its
+loss by its share of the batch's tokens, so DDP's gradient average is the gradient of the global
+batch's mean token loss: the 1-process step, up to float rounding. The logged step loss is the
+global batch's mean token loss (summed over the ranks), so the CSV compares with a 1-process run.
+Rank 0 alone validates and writes checkpoints and logs; its stop decision (early stopping) is
+broadcast, so all ranks leave the loop together. `--resume`: every rank loads last.pt. Each rank
+reseeds its global RNG from (seed, epoch, rank) at every epoch, so dropout masks differ between
+ranks and a resumed run reproduces them without saving N RNG states.
+Known differences from one process: a global batch of fewer than N captions is skipped (each rank
+needs one); with --batchnorm on the CPU, batch statistics are per rank (SyncBatchNorm needs CUDA).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -91,6 +105,8 @@ class Trainer:
     """Model, optimizer and the one training step; shared by `train` and `pipeline bench train`."""
 
     def __init__(self, model: CaptionDecoder, cfg: TrainConfig, device: torch.device, ddp: bool = False):
+        if ddp and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
         self.model = model.to(device)
         self.cfg = cfg
         self.device = device
@@ -112,10 +128,18 @@ class Trainer:
     def loss(self, features, words, n, start_id: int, end_id: int):
         return caption_loss(self.net, features, words, n, start_id, end_id, self.device, self.amp_dtype)
 
-    def step(self, features, words, n, start_id, end_id, update: bool = True) -> torch.Tensor:
-        """Forward + backward; with `update`, clip and take an optimizer step. Returns the detached loss."""
+    def step(self, features, words, n, start_id, end_id, update: bool = True, weight: float | None = None) -> torch.Tensor:
+        """Forward + backward; with `update`, clip and take an optimizer step. Returns the detached loss.
+
+        `weight` multiplies the loss for the backward pass only (DDP: this rank's token share of the
+        global batch times N, see the module docstring). Under DDP the gradients of accumulation
+        steps stay local (no_sync) and are averaged once, at the step that updates.
+        """
         loss, _ = self.loss(features, words, n, start_id, end_id)
-        self.scaler.scale(loss / self.cfg.accumulate).backward()
+        scaled = loss if weight is None else loss * weight
+        local = not update and isinstance(self.net, torch.nn.parallel.DistributedDataParallel)
+        with self.net.no_sync() if local else contextlib.nullcontext():
+            self.scaler.scale(scaled / self.cfg.accumulate).backward()
         if update:
             if self.cfg.clip > 0:
                 self.scaler.unscale_(self.opt)
@@ -147,16 +171,29 @@ def epoch_batches(data: CaptionData, rows: torch.Tensor, cfg: TrainConfig, epoch
                   dist: distributed.Context) -> list[torch.Tensor]:
     """This rank's batches of `epoch`: the same global batches for any number of processes, each rank
     taking an interleaved slice of every batch (so N processes follow the 1-process run closely)."""
+    batches = global_batches(data, rows, cfg, epoch, dist.world_size)
+    return [b[dist.rank::dist.world_size] for b in batches] if dist.enabled else batches
+
+
+def global_batches(data: CaptionData, rows: torch.Tensor, cfg: TrainConfig, epoch: int,
+                   world_size: int = 1) -> list[torch.Tensor]:
+    """The batches of `epoch` as one process takes them, from (seed, epoch) alone; with N processes,
+    only those of at least N captions (every rank must take part in every step)."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     batches = length_grouped_batches(rows, data.lengths, cfg.batch_size, g)
-    if dist.enabled:
-        batches = [b[dist.rank::dist.world_size] for b in batches if len(b) >= dist.world_size]
-    return batches
+    return [b for b in batches if len(b) >= world_size]
+
+
+def token_count(data: CaptionData, rows: torch.Tensor) -> int:
+    """Predicted tokens of these captions (their words and <end>): the loss's averaging weight."""
+    return int(data.lengths[rows].sum()) + len(rows)
 
 
 def run_epoch(trainer: Trainer, data: CaptionData, batches: list[torch.Tensor], progress: bool = False,
-              desc: str = "train") -> list[float]:
-    """Train over `batches`; returns the per-step losses (fetched from the device once, at the end)."""
+              desc: str = "train", weights: list[float] | None = None) -> list[float]:
+    """Train over `batches`; returns the per-step losses (fetched from the device once, at the end).
+
+    `weights`: one loss multiplier per batch for the backward pass (see Trainer.step), or None."""
     trainer.model.train()
     vocab = data.vocab
     losses = []
@@ -165,7 +202,8 @@ def run_epoch(trainer: Trainer, data: CaptionData, batches: list[torch.Tensor], 
     for i, rows in enumerate(batches):
         update = (i + 1) % trainer.cfg.accumulate == 0 or i == len(batches) - 1
         feats = data.features[data.caption_image[rows]]  # (B, D) float16 in memory
-        loss = trainer.step(feats, data.labels[rows], data.lengths[rows], vocab.start_id, vocab.end_id, update)
+        loss = trainer.step(feats, data.labels[rows], data.lengths[rows], vocab.start_id, vocab.end_id, update,
+                            None if weights is None else weights[i])
         losses.append(loss)
         bar.update(len(rows))
         if progress and (i + 1) % trainer.cfg.print_every == 0:
@@ -209,6 +247,8 @@ def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "chec
     dist = distributed.context()
     device = choose_device(cfg.device if cfg.device != "auto" else
                            (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"))
+    if dist.enabled and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist.local_rank)  # `--device cuda`: this rank's own GPU
     data = load_cache(cache_dir)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -228,9 +268,18 @@ def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "chec
              "history": [], "seconds": 0.0, "captions": 0}
     steps_log: list[dict] = []
     last = out / "last.pt"
-    if resume and last.exists():
-        ckpt = load_checkpoint(last)
-        _check_resumable(ckpt, data, model_cfg, last)
+    loaded: dict = {}
+
+    def resumable() -> bool:
+        """Rank 0 decides for all ranks whether to resume, so they never disagree (or half refuse)."""
+        if not (resume and last.exists()):
+            return False
+        loaded["ckpt"] = load_checkpoint(last)
+        _check_resumable(loaded["ckpt"], data, model_cfg, last)
+        return True
+
+    if dist.decide(resumable):
+        ckpt = loaded["ckpt"] if "ckpt" in loaded else load_checkpoint(last)
         trainer.model.load_state_dict(ckpt["model"])
         trainer.opt.load_state_dict(ckpt["optimizer"])
         state.update(ckpt["train_state"])
@@ -256,10 +305,20 @@ def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "chec
     for epoch in range(state["epoch"], cfg.epochs):
         lr = trainer.set_lr(epoch)
         batches = epoch_batches(data, train_rows, cfg, epoch, dist)
+        whole, weights = batches, None
+        if dist.enabled:
+            whole = global_batches(data, train_rows, cfg, epoch, dist.world_size)
+            torch.manual_seed(_rank_seed(cfg.seed, epoch, dist.rank))
+            totals = torch.tensor([token_count(data, b) for b in whole], dtype=torch.float64)
+            mine = torch.tensor([token_count(data, b) for b in batches], dtype=torch.float64)
+            weights = (mine * dist.world_size / totals).tolist()
         t0 = time.perf_counter()
-        losses = run_epoch(trainer, data, batches, progress and dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        losses = run_epoch(trainer, data, batches, progress and dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           weights=weights)
+        if dist.enabled and losses:  # each step's mean token loss over the global batch, as one process logs it
+            losses = (dist.all_sum(torch.tensor(losses, dtype=torch.float64) * mine) / totals).tolist()
         seconds = time.perf_counter() - t0
-        n_captions = sum(len(b) for b in batches) * dist.world_size
+        n_captions = sum(len(b) for b in whole)
         for i, loss in enumerate(losses):
             steps_log.append({"step": state["step"] + i + 1, "epoch": epoch + 1, "loss": loss,
                               "perplexity": math.exp(min(loss, 50.0)), "lr": lr})
@@ -267,31 +326,29 @@ def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "chec
         state["epoch"] = epoch + 1
         state["seconds"] += seconds
         state["captions"] += n_captions
-        if not dist.is_main:
-            dist.barrier()
-            continue
-        val = validate(trainer.model, data, cfg, device, val_images, references)
-        row = {"epoch": epoch + 1, "step": state["step"], "lr": lr,
-               "train_loss": sum(losses) / max(len(losses), 1), **val,
-               "seconds": seconds, "captions_per_second": n_captions / seconds if seconds else 0.0}
-        state["history"].append(row)
-        score = val.get("CIDEr", -val.get("val_loss", 0.0))
-        improved = score > state["best_score"]
-        if improved:
-            state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0,
-                         best={k: row[k] for k in ("val_loss", "val_perplexity", "CIDEr", "BLEU-4") if k in row})
-        else:
-            state["bad_epochs"] += 1
-        log(" ".join([f"epoch {epoch + 1}: train_loss {row['train_loss']:.4f}"] +
-                     [f"{k} {row[k]:.4f}" for k in ("val_loss", "val_perplexity", "CIDEr", "BLEU-4") if k in row] +
-                     [f"{row['captions_per_second']:.0f} captions/s", "(best)" if improved else ""]))
-        stopped_early = bool(cfg.patience) and state["bad_epochs"] >= cfg.patience
-        if improved:
-            save(out / "best.pt")
-        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stopped_early:
-            save(last)
-            _write_logs(metrics_dir, steps_log, state, cfg)
-        dist.barrier()
+        if dist.is_main:  # validation, logs and checkpoints: rank 0 only; the others wait at the broadcast
+            val = validate(trainer.model, data, cfg, device, val_images, references)
+            row = {"epoch": epoch + 1, "step": state["step"], "lr": lr,
+                   "train_loss": sum(losses) / max(len(losses), 1), **val,
+                   "seconds": seconds, "captions_per_second": n_captions / seconds if seconds else 0.0}
+            state["history"].append(row)
+            score = val.get("CIDEr", -val.get("val_loss", 0.0))
+            improved = score > state["best_score"]
+            if improved:
+                state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0,
+                             best={k: row[k] for k in ("val_loss", "val_perplexity", "CIDEr", "BLEU-4") if k in row})
+            else:
+                state["bad_epochs"] += 1
+            log(" ".join([f"epoch {epoch + 1}: train_loss {row['train_loss']:.4f}"] +
+                         [f"{k} {row[k]:.4f}" for k in ("val_loss", "val_perplexity", "CIDEr", "BLEU-4") if k in row] +
+                         [f"{row['captions_per_second']:.0f} captions/s", "(best)" if improved else ""]))
+            stopped_early = bool(cfg.patience) and state["bad_epochs"] >= cfg.patience
+            if improved:
+                save(out / "best.pt")
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stopped_early:
+                save(last)
+                _write_logs(metrics_dir, steps_log, state, cfg)
+        stopped_early = dist.broadcast(stopped_early)  # every rank leaves the loop after the same epoch
         if stopped_early:
             log(f"early stop: no better validation CIDEr for {cfg.patience} epoch(s)")
             break
@@ -301,6 +358,11 @@ def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "chec
                         best=dict(state["best"]), seconds=state["seconds"],
                         captions_per_second=state["captions"] / state["seconds"] if state["seconds"] else 0.0,
                         out=str(out), history=list(state["history"]))
+
+
+def _rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """The global RNG seed of `rank` in `epoch` under DDP (dropout): distinct per rank and epoch."""
+    return ((seed * 1_000_003 + epoch) * 10_007 + rank + 1) % (1 << 63)
 
 
 def _check_resumable(ckpt: dict, data: CaptionData, model_cfg: ModelConfig, path: Path) -> None:

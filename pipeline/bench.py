@@ -1,0 +1,186 @@
+"""Benchmarks that print their figures and ratios (speed targets live here, never in unit tests).
+
+bench extract: bare encoder forward on already-decoded tensors (the compute limit) vs the full
+               `extract` (decode, preprocess, forward, write) on the same images and settings.
+bench train:   bare decoder forward+backward+step on in-memory tensors of the same shapes (the limit)
+               vs a `train` epoch from the cache, and vs the seed notebooks' way (the frozen ResNet run
+               on decoded images at every step), with the speed-up of training from the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.data import load_cache
+from pipeline.encoder import make_spec
+from pipeline.extract import _autocast, choose_device, default_workers, encode_images, extract, load_encoder
+from pipeline.caption import expand_inputs
+from pipeline.images import ImageFiles, collate
+from pipeline.manifest import ImageRecord, Manifest
+from pipeline.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
+from pipeline.train import Trainer, TrainConfig, epoch_batches, run_epoch
+from pipeline import distributed
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _peak_rss_mb() -> tuple[float, float]:
+    """Peak resident memory of this process and of its largest finished child (workers), in MB."""
+    me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return me, kids
+
+
+def bench_extract(images: list[str], arch: str = "resnet18", weights: str = "none", batch_size: int = 64,
+                  workers: int | None = None, device: str = "auto", resize: int = 256, crop: int = 224,
+                  amp: str = "auto", limit: int = 1000, log=print) -> dict:
+    paths = expand_inputs(images)[:limit] if limit else expand_inputs(images)
+    dev = choose_device(device)
+    workers = default_workers(dev) if workers is None else workers
+    spec = make_spec(arch, weights, resize, crop)
+    log(f"bench extract: {len(paths)} images, {arch} weights={weights}, batch {batch_size}, {workers} workers, "
+        f"device {dev}, {torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
+        dirs = sorted({os.path.dirname(os.path.abspath(p)) for p in paths})
+        recs = [ImageRecord(id=i, dir=dirs.index(os.path.dirname(os.path.abspath(p))), file=os.path.basename(p),
+                            split="train") for i, p in enumerate(paths)]
+        Manifest("bench", dirs, recs).save(Path(tmp) / "manifest.json")
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        # 1. the full stage, exactly as `pipeline extract` runs it
+        full = extract(tmp, arch=arch, weights=weights, batch_size=batch_size, workers=workers, device=str(dev),
+                       resize=resize, crop=crop, amp=amp, progress=False)
+        rss_main, rss_child = _peak_rss_mb()
+        gpu_mb = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0
+        # 2. the compute limit: the same encoder on the same images, already decoded and in memory
+        encoder = load_encoder(spec, dev)
+        batches = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
+        decoded = torch.empty(len(paths), 3, crop, crop, dtype=torch.uint8)
+        loader = torch.utils.data.DataLoader(ImageFiles(paths, spec.preprocess), batch_sampler=batches,
+                                             num_workers=workers, collate_fn=collate)
+        for rows, imgs, _ in loader:
+            decoded[rows] = imgs
+        if dev.type == "cuda":
+            decoded = decoded.pin_memory()
+        with torch.inference_mode(), _autocast(dev, amp):
+            x = decoded[: batches[0][-1] + 1].to(dev)
+            encoder(x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x)  # warm-up
+            _sync(dev)
+            t0 = time.perf_counter()
+            for b in batches:
+                x = decoded[b[0]: b[-1] + 1].to(dev, non_blocking=True)
+                if dev.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                encoder(x).cpu()
+            _sync(dev)
+            bare_s = time.perf_counter() - t0
+    bare = len(paths) / bare_s
+    res = {"images": len(paths), "arch": arch, "device": str(dev), "batch_size": batch_size, "workers": workers,
+           "bare_images_per_s": bare, "extract_images_per_s": full.images_per_second,
+           "ratio": full.images_per_second / bare, "failures": len(full.failures),
+           "peak_rss_main_mb": rss_main, "peak_rss_worker_mb": rss_child, "peak_gpu_mb": gpu_mb}
+    log(f"  bare forward (decoded tensors):   {bare:8.1f} images/s")
+    log(f"  full extract (decode..write):     {full.images_per_second:8.1f} images/s  ({full.seconds:.1f} s)")
+    log(f"  ratio extract / bare:             {res['ratio']:8.3f}")
+    log(f"  peak memory: main process {rss_main:.0f} MB, largest worker {rss_child:.0f} MB"
+        + (f", GPU {gpu_mb:.0f} MB" if dev.type == "cuda" else ""))
+    return res
+
+
+def bench_train(cache_dir: str = "cache", batch_size: int = 128, embed_size: int = 256, hidden_size: int = 512,
+                device: str = "auto", amp: str = "auto", notebook_batches: int = 10, max_batches: int = 0,
+                log=print) -> dict:
+    data = load_cache(cache_dir)
+    cfg = TrainConfig(batch_size=batch_size, device=device, amp=amp)
+    dev = choose_device(device)
+    model_cfg = ModelConfig(data.encoder.feature_dim, len(data.vocab), embed_size, hidden_size)
+    rows = data.caption_rows("train")
+    batches = epoch_batches(data, rows, cfg, 0, distributed.Context())
+    if max_batches:
+        batches = batches[:max_batches]
+    n_caps = sum(len(b) for b in batches)
+    v = data.vocab
+    log(f"bench train: {n_caps} captions in {len(batches)} batches of {batch_size}, vocab {len(v)}, "
+        f"embed {embed_size}, hidden {hidden_size}, device {dev}, {torch.get_num_threads()} threads")
+
+    def fresh() -> Trainer:
+        torch.manual_seed(0)
+        return Trainer(CaptionDecoder(model_cfg), cfg, dev)
+
+    # 1. the compute limit: the same batches, prepared in advance as device tensors
+    trainer = fresh()
+    prepared = []
+    for b in batches:
+        inputs, targets, lengths, order = teacher_forcing(data.labels[b], data.lengths[b], v.start_id, v.end_id)
+        feats = data.features[data.caption_image[b]][order].float().to(dev)
+        prepared.append((feats, inputs.to(dev), lengths, packed_targets(targets, lengths).to(dev)))
+    trainer.model.train()
+
+    def bare_step(feats, inputs, lengths, tgt):
+        with torch.autocast(dev.type, dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None):
+            logits = trainer.model(feats, inputs, lengths)
+        loss = torch.nn.functional.cross_entropy(logits.float(), tgt)
+        trainer.scaler.scale(loss).backward()
+        trainer.scaler.unscale_(trainer.opt)
+        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.clip)
+        trainer.scaler.step(trainer.opt)
+        trainer.scaler.update()
+        trainer.opt.zero_grad(set_to_none=True)
+
+    for p in prepared[:3]:
+        bare_step(*p)  # warm-up
+    _sync(dev)
+    t0 = time.perf_counter()
+    for p in prepared:
+        bare_step(*p)
+    _sync(dev)
+    bare = n_caps / (time.perf_counter() - t0)
+    del prepared
+
+    # 2. the real training epoch from the cache (same code as `pipeline train`, validation excluded)
+    trainer = fresh()
+    run_epoch(trainer, data, batches[:3])  # warm-up
+    _sync(dev)
+    t0 = time.perf_counter()
+    run_epoch(trainer, data, batches)
+    _sync(dev)
+    full_s = time.perf_counter() - t0
+    full = n_caps / full_s
+
+    # 3. the seed notebooks' way: decode the images and run the frozen ResNet at every step
+    encoder = load_encoder(data.encoder, dev)
+    paths = [data.manifest.path_of(i) for i in range(len(data.manifest.images))]
+    nb = batches[:notebook_batches]
+    trainer = fresh()
+    workers = default_workers(dev)
+    t0 = time.perf_counter()
+    for b in nb:
+        img_rows = data.caption_image[b].tolist()
+        feats = torch.cat([torch.from_numpy(f) for _, f, _ in
+                           encode_images(encoder, paths, data.encoder.preprocess, [img_rows], dev, workers)])
+        trainer.step(feats, data.labels[b], data.lengths[b], v.start_id, v.end_id)
+    _sync(dev)
+    nb_caps = sum(len(b) for b in nb)
+    notebook = nb_caps / (time.perf_counter() - t0)
+    res = {"captions": n_caps, "batches": len(batches), "device": str(dev), "arch": data.encoder.arch,
+           "bare_captions_per_s": bare, "train_captions_per_s": full, "ratio": full / bare,
+           "epoch_seconds": full_s, "notebook_captions_per_s": notebook, "speedup_vs_notebook": full / notebook,
+           "notebook_epoch_seconds_estimate": n_caps / notebook}
+    log(f"  bare decoder step (in-memory):    {bare:10.0f} captions/s")
+    log(f"  train epoch from the cache:       {full:10.0f} captions/s  ({full_s:.1f} s per epoch)")
+    log(f"  ratio train / bare:               {res['ratio']:10.3f}")
+    log(f"  notebook way ({data.encoder.arch} every step, {nb_caps} captions timed): {notebook:10.1f} captions/s "
+        f"(~{n_caps / notebook:.0f} s per epoch)")
+    log(f"  speed-up of the cache:            {res['speedup_vs_notebook']:10.1f}x")
+    if dev.type == "cuda":
+        log(f"  peak GPU memory: {torch.cuda.max_memory_allocated(dev) / 2**20:.0f} MB")
+    return res
