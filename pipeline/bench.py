@@ -17,14 +17,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data import load_cache
 from pipeline.encoder import make_spec
 from pipeline.extract import _autocast, choose_device, default_workers, encode_images, extract, load_encoder
 from pipeline.caption import expand_inputs
 from pipeline.images import ImageFiles, collate
 from pipeline.manifest import ImageRecord, Manifest
 from pipeline.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
-from pipeline.train import Trainer, TrainConfig, epoch_batches, run_epoch
 from pipeline import distributed
 
 
@@ -99,6 +97,9 @@ def bench_extract(images: list[str], arch: str = "resnet18", weights: str = "non
 def bench_train(cache_dir: str = "cache", batch_size: int = 128, embed_size: int = 256, hidden_size: int = 512,
                 device: str = "auto", amp: str = "auto", notebook_batches: int = 10, max_batches: int = 0,
                 log=print) -> dict:
+    from pipeline.data import load_cache
+    from pipeline.train import Trainer, TrainConfig, epoch_batches, run_epoch
+
     data = load_cache(cache_dir)
     cfg = TrainConfig(batch_size=batch_size, device=device, amp=amp)
     dev = choose_device(device)

@@ -41,10 +41,24 @@ class CaptionDecoder(nn.Module):
                             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
         self.drop = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        # Per-dimension standardization of the cached features, fitted on the training images. Pooled
+        # ResNet features can be huge and nearly collinear (seeded random weights especially); kept as
+        # buffers so every checkpoint carries the statistics it was trained with.
+        self.register_buffer("feature_mean", torch.zeros(cfg.feature_dim))
+        self.register_buffer("feature_std", torch.ones(cfg.feature_dim))
+
+    @torch.no_grad()
+    def fit_feature_stats(self, features: torch.Tensor) -> None:
+        """features (N, D) of the training images -> mean/std buffers (std floored to stay finite)."""
+        x = features.double()
+        mean, std = x.mean(0), x.std(0) if len(x) > 1 else torch.ones_like(x[0])
+        self.feature_mean.copy_(mean.float())
+        self.feature_std.copy_(std.clamp_min(1e-6 * float(std.max()) + 1e-12).float())
 
     def init_state(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, D) -> LSTM state (h, c), each (layers, B, H), after reading the image."""
-        x = self.bn(self.project(features.to(self.project.weight.dtype)))  # (B, E)
+        x = (features.float() - self.feature_mean) / self.feature_std  # (B, D)
+        x = self.bn(self.project(x.to(self.project.weight.dtype)))  # (B, E)
         _, state = self.lstm(x.unsqueeze(1))  # input (B, 1, E)
         return state
 

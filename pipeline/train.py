@@ -50,7 +50,6 @@ from pipeline.decode import decode
 from pipeline.errors import PipelineError
 from pipeline.extract import choose_device
 from pipeline.fileio import write_json, write_text
-from pipeline.metrics import fast_scores
 from pipeline.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
 
 
@@ -232,6 +231,8 @@ def validate(model: CaptionDecoder, data: CaptionData, cfg: TrainConfig, device:
     if len(val_images):
         hyps = decode(model, data.features[val_images].to(device).float(), beam_size=1, max_length=cfg.max_length,
                       start_id=v.start_id, end_id=v.end_id, banned_ids=(v.pad_id, v.start_id, v.unk_id))
+        from pipeline.metrics import fast_scores  # pycocoevalcap: loaded only when validation scores
+
         candidates = {int(r): v.decode(h.tokens) for r, h in zip(val_images, hyps)}
         out.update(fast_scores(references, candidates))
     return out
@@ -263,7 +264,9 @@ def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "chec
     references = data.references(val_images)
 
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(CaptionDecoder(model_cfg), cfg, device, ddp=dist.enabled)
+    model = CaptionDecoder(model_cfg)
+    model.fit_feature_stats(data.features[data.image_rows("train")])  # a resume overwrites these with the saved ones
+    trainer = Trainer(model, cfg, device, ddp=dist.enabled)
     state = {"epoch": 0, "step": 0, "best_epoch": 0, "best": {}, "best_score": -math.inf, "bad_epochs": 0,
              "history": [], "seconds": 0.0, "captions": 0}
     steps_log: list[dict] = []
