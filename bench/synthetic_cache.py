@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import h5py
 import numpy as np
@@ -37,8 +38,6 @@ def main() -> None:
     words = [f"w{i}" for i in range(a.vocab - 4)]
     recs = [ImageRecord(id=i, dir=0, file=f"img{i}.jpg", split=names[split[i]], captions=[]) for i in range(n)]
     m = Manifest("synthetic", ["/nonexistent"], recs)
-    import os
-
     os.makedirs(a.out, exist_ok=True)
     m.save(f"{a.out}/manifest.json")
     tokens = ["<pad>", "<start>", "<end>", "<unk>"] + words

@@ -16,9 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from pipeline.checkpoint import load_checkpoint, restore_decoder
 from pipeline.decode import decode

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from pipeline.checkpoint import load_checkpoint, restore_decoder
 from pipeline.data import CaptionData, load_cache

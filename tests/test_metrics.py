@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import metrics
 from pipeline.errors import PipelineError
-from pipeline.metrics import MetricsReport, fast_scores, score_captions, simple_tokenize
+from pipeline.metrics import fast_scores, score_captions, simple_tokenize
 
 # Several distinct images: CIDEr's IDF is computed over the set, so one image would score 0.
 REFS = {

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.checkpoint import load_checkpoint, restore_decoder
+from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import main
 from pipeline.data import length_grouped_batches, load_cache
 from pipeline.decode import beam_search, greedy_decode
