@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo blind bench clean
 
 venv: $(VENV)/.installed
 
@@ -25,7 +25,11 @@ demo: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show
 	$(BIN)/pipeline --params params.yaml caption data/demo/test --checkpoint checkpoints/best.pt \
 		--html results/demo.html --json results/demo_captions.json 2>/dev/null | head -n 8
-	@echo "captions page: results/demo.html"
+	@echo "captions page: results/demo.html    training curves: metrics/train/train.png"
+
+# The demo's decoder against an image-blind one trained the same way (params.yaml), on the test split.
+blind: venv
+	$(BIN)/pipeline --params params.yaml bench blind --cache-dir cache
 
 bench: venv
 	$(BIN)/python -m pipeline bench extract --arch resnet18 --weights none

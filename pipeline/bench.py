@@ -5,6 +5,9 @@ bench extract: bare encoder forward on already-decoded tensors (the compute limi
 bench train:   bare decoder forward+backward+step on in-memory tensors of the same shapes (the limit)
                vs a `train` epoch from the cache, and vs the seed notebooks' way (the frozen ResNet run
                on decoded images at every step), with the speed-up of training from the cache.
+bench blind:   the decoder trained and evaluated twice the same way, once seeing the images and once
+               image-blind (every feature replaced by the mean feature); the ratio of their CIDEr says
+               how much the captions depend on the picture.
 """
 
 from __future__ import annotations
@@ -185,3 +188,37 @@ def bench_train(cache_dir: str = "cache", batch_size: int = 128, embed_size: int
     if dev.type == "cuda":
         log(f"  peak GPU memory: {torch.cuda.max_memory_allocated(dev) / 2**20:.0f} MB")
     return res
+
+
+SCORE_KEYS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+def bench_blind(cache_dir: str = "cache", model: dict | None = None, cfg=None, split: str = "test",
+                beam_size: int = 3, max_length: int = 20, length_penalty: float = 0.0, tokenizer: str = "auto",
+                log=print) -> dict:
+    """Train with and without the images (same settings, same seed), evaluate both on `split`.
+
+    `model`: the decoder's keyword arguments of `pipeline.train.train` (embed_size, ...; not blind);
+    `cfg`: a TrainConfig. Returns both score dicts and the CIDEr ratio seeing/blind.
+    """
+    from pipeline.evaluate import evaluate
+    from pipeline.train import TrainConfig, train
+
+    cfg = cfg or TrainConfig()
+    model = dict(model or {})
+    scores = {}
+    with tempfile.TemporaryDirectory(prefix="bench-blind-") as tmp:
+        for name, blind in (("seeing", False), ("blind", True)):
+            t0 = time.perf_counter()
+            run = train(cache_dir, out=Path(tmp, name), metrics_dir=Path(tmp, name, "metrics"), cfg=cfg, **model,
+                        blind=blind, progress=False, log=lambda m: None)
+            ev = evaluate(Path(tmp, name, "best.pt"), cache_dir, split=split, out=Path(tmp, name, "eval.json"),
+                          results=Path(tmp, name, "captions.json"), beam_size=beam_size, max_length=max_length,
+                          length_penalty=length_penalty, device=cfg.device, tokenizer=tokenizer)
+            scores[name] = ev.scores
+            log(f"  {name:<7} trained {run.epochs_run} epochs (best {run.best_epoch}), {time.perf_counter() - t0:.0f} s: "
+                + "  ".join(f"{k} {ev.scores[k]:.3f}" for k in SCORE_KEYS if k in ev.scores))
+    blind_cider = scores["blind"]["CIDEr"]
+    ratio = scores["seeing"]["CIDEr"] / blind_cider if blind_cider > 0 else float("inf")
+    log(f"  {split} CIDEr seeing / blind:     {ratio:.2f}x")
+    return {"split": split, "seeing": scores["seeing"], "blind": scores["blind"], "cider_ratio": ratio}

@@ -6,6 +6,7 @@ call it, and print its summary. A `PipelineError` becomes one `Error: ...` line 
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -40,6 +41,7 @@ PARAMS_SECTIONS = {
     "train": {"model": {}, "train": {}},
     "evaluate": {"eval": {}},
     "caption": {"eval": {"split": None, "tokenizer": None, "max_images": None}},
+    "bench.blind": {"model": {"blind": None}, "train": {}, "eval": {"max_length": "eval_max_length", "max_images": None}},
 }
 
 
@@ -60,7 +62,10 @@ def params_defaults(path: str) -> dict:
             for key, value in (params.get(section) or {}).items():
                 name = renames.get(key, key)
                 if name is not None:
-                    out.setdefault(command, {})[name] = value
+                    node = out
+                    for part in command.split("."):  # "bench.blind": a subcommand's own default_map
+                        node = node.setdefault(part, {})
+                    node[name] = value
     return out
 
 
@@ -161,56 +166,78 @@ def extract(cache_dir, out, arch, weights, batch_size, workers, device, resize, 
 
 
 # ----------------------------------------------------------------------------------------------- train
+MODEL_OPTIONS = ("embed_size", "hidden_size", "num_layers", "dropout", "batchnorm", "blind")
+
+
+def train_options(f, blind: bool = True):
+    """Model and training options shared by `train` and `bench blind`, so both train the same way."""
+    options = [
+        click.option("--epochs", default=10, show_default=True, type=click.IntRange(1)),
+        click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1), help="Captions per batch."),
+        click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True)),
+        click.option("--amsgrad", is_flag=True, help="Use Adam's AMSGrad variant."),
+        click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(0)),
+        click.option("--clip", default=5.0, show_default=True, type=click.FloatRange(0), help="Max gradient norm (0: off)."),
+        click.option("--lr-decay", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+                     help="Multiply the learning rate by this every --lr-decay-every epochs."),
+        click.option("--lr-decay-every", default=1, show_default=True, type=click.IntRange(1)),
+        click.option("--accumulate", default=1, show_default=True, type=click.IntRange(1),
+                     help="Gradient accumulation: one optimizer step every N batches."),
+        click.option("--patience", default=0, show_default=True, type=click.IntRange(0),
+                     help="Early stopping: stop after N epochs without a better validation CIDEr (0: off)."),
+        click.option("--save-every", default=1, show_default=True, type=click.IntRange(1),
+                     help="Write last.pt every N epochs."),
+        click.option("--print-every", default=100, show_default=True, type=click.IntRange(1),
+                     help="Steps between loss updates on the progress bar."),
+        click.option("--val-images", default=5000, show_default=True, type=click.IntRange(0),
+                     help="Validation images decoded per epoch for CIDEr/BLEU-4 (0: all)."),
+        click.option("--max-length", default=20, show_default=True, type=click.IntRange(1),
+                     help="Longest caption decoded for validation."),
+        click.option("--embed-size", default=256, show_default=True, type=click.IntRange(1)),
+        click.option("--hidden-size", default=512, show_default=True, type=click.IntRange(1)),
+        click.option("--num-layers", default=1, show_default=True, type=click.IntRange(1)),
+        click.option("--dropout", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
+        click.option("--batchnorm/--no-batchnorm", default=False, show_default=True,
+                     help="BatchNorm after the image projection."),
+        click.option("--blind/--no-blind", default=False, show_default=True,
+                     help="Image-blind baseline: replace every image feature by the mean feature.") if blind else None,
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--amp", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"]),
+                     help="Autocast precision on CUDA. Ignored on CPU."),
+    ]
+    for opt in reversed([o for o in options if o is not None]):
+        f = opt(f)
+    return f
+
+
+def split_train_options(options: dict) -> tuple[dict, "TrainConfig"]:
+    """train_options' values -> (model keyword arguments, TrainConfig)."""
+    from pipeline.train import TrainConfig
+
+    model = {k: options.pop(k) for k in MODEL_OPTIONS if k in options}
+    return model, TrainConfig(**options)
+
+
 @main.command()
 @click.option("--cache-dir", default="cache", show_default=True, type=click.Path(),
               help="Folder with features.h5, labels.h5, vocab.json and manifest.json.")
 @click.option("--out", default="checkpoints", show_default=True, type=click.Path(),
               help="Checkpoint folder (last.pt, best.pt).")
 @click.option("--metrics-dir", default="metrics", show_default=True, type=click.Path(),
-              help="train_steps.csv, train_epochs.json and train.json go here.")
-@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1), help="Captions per batch.")
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--amsgrad", is_flag=True, help="Use Adam's AMSGrad variant.")
-@click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(0))
-@click.option("--clip", default=5.0, show_default=True, type=click.FloatRange(0), help="Max gradient norm (0: off).")
-@click.option("--lr-decay", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Multiply the learning rate by this every --lr-decay-every epochs.")
-@click.option("--lr-decay-every", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--accumulate", default=1, show_default=True, type=click.IntRange(1),
-              help="Gradient accumulation: one optimizer step every N batches.")
-@click.option("--patience", default=0, show_default=True, type=click.IntRange(0),
-              help="Early stopping: stop after N epochs without a better validation CIDEr (0: off).")
-@click.option("--save-every", default=1, show_default=True, type=click.IntRange(1), help="Write last.pt every N epochs.")
-@click.option("--print-every", default=100, show_default=True, type=click.IntRange(1),
-              help="Steps between loss updates on the progress bar.")
-@click.option("--val-images", default=5000, show_default=True, type=click.IntRange(0),
-              help="Validation images decoded per epoch for CIDEr/BLEU-4 (0: all).")
-@click.option("--max-length", default=20, show_default=True, type=click.IntRange(1),
-              help="Longest caption decoded for validation.")
-@click.option("--embed-size", default=256, show_default=True, type=click.IntRange(1))
-@click.option("--hidden-size", default=512, show_default=True, type=click.IntRange(1))
-@click.option("--num-layers", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--dropout", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--batchnorm/--no-batchnorm", default=False, show_default=True,
-              help="BatchNorm after the image projection.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--amp", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "none"]),
-              help="Autocast precision on CUDA. Ignored on CPU.")
+              help="train_steps.csv, train_epochs.json, train.json and train.png go here.")
+@train_options
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (ends where an uninterrupted run would).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(cache_dir, out, metrics_dir, embed_size, hidden_size, num_layers, dropout, batchnorm, resume, quiet,
-          **cfg):
+def train(cache_dir, out, metrics_dir, resume, quiet, **options):
     """Train the projection + LSTM decoder from the feature cache (the CNN is never run)."""
     from pipeline import distributed
-    from pipeline.train import TrainConfig, train as run
+    from pipeline.train import train as run
 
+    model, cfg = split_train_options(options)
     is_main = distributed.context().is_main
-    summary = run(cache_dir=cache_dir, out=out, metrics_dir=metrics_dir, cfg=TrainConfig(**cfg),
-                  embed_size=embed_size, hidden_size=hidden_size, num_layers=num_layers, dropout=dropout,
-                  batchnorm=batchnorm, resume=resume, progress=not quiet,
-                  log=(lambda m: click.echo(m, err=True)) if is_main else (lambda m: None))
+    summary = run(cache_dir=cache_dir, out=out, metrics_dir=metrics_dir, cfg=cfg, **model, resume=resume,
+                  progress=not quiet, log=(lambda m: click.echo(m, err=True)) if is_main else (lambda m: None))
     if is_main:
         click.echo(summary.line())
 
@@ -366,6 +393,42 @@ def bench_train_cmd(cache_dir, batch_size, embed_size, hidden_size, device, amp,
                       log=click.echo)
     if json_out:
         write_json(json_out, res)
+
+
+@bench.command("blind")
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(),
+              help="A prepared and extracted cache with train, val and SPLIT images.")
+@functools.partial(train_options, blind=False)
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--beam-size", default=3, show_default=True, type=click.IntRange(1), help="1 = greedy.")
+@click.option("--eval-max-length", default=20, show_default=True, type=click.IntRange(1),
+              help="Most words per evaluated caption.")
+@click.option("--length-penalty", default=0.0, show_default=True, type=float)
+@click.option("--tokenizer", default="auto", show_default=True, type=click.Choice(["auto", "ptb", "simple"]))
+@click.option("--target", default=2.0, show_default=True, type=click.FloatRange(0),
+              help="Fail (exit status 1) when the CIDEr ratio seeing / blind is below this.")
+@click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the figures as JSON.")
+def bench_blind_cmd(cache_dir, split, beam_size, eval_max_length, length_penalty, tokenizer, target, json_out,
+                    **options):
+    """Train and evaluate the decoder seeing the images and image-blind; compare their CIDEr.
+
+    With `pipeline --params params.yaml bench blind`, both runs use params.yaml's model, train and
+    eval settings, so the blind decoder is trained exactly as `dvc repro` trains the real one.
+    """
+    from pipeline.bench import bench_blind
+    from pipeline.fileio import write_json
+
+    model, cfg = split_train_options(options)
+    click.echo(f"bench blind: {cache_dir}, {cfg.epochs} epochs, hidden {model['hidden_size']}, {split} split")
+    res = bench_blind(cache_dir, model, cfg, split=split, beam_size=beam_size, max_length=eval_max_length,
+                      length_penalty=length_penalty, tokenizer=tokenizer, log=click.echo)
+    res["target"] = target
+    if json_out:
+        write_json(json_out, res)
+    if res["cider_ratio"] < target:
+        raise PipelineError(f"CIDEr seeing / blind is {res['cider_ratio']:.2f}x, below the target {target:g}x: "
+                            f"the captions depend too little on the picture")
+    click.echo(f"  target >= {target:g}x: met")
 
 
 if __name__ == "__main__":

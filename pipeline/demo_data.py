@@ -64,7 +64,7 @@ ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "center", "right")
 
 # Shape extent as a fraction of the image side; grid centres per size. Large shapes sit nearer the
-# middle so they stay inside the 224-of-256 centre crop the encoder takes.
+# middle so they stay inside the encoder's centre crop (112 of 128 in params.yaml, 224 of 256 likewise).
 _SIZE_FRAC = {"small": 0.3, "large": 0.6}
 _GRID = {"small": (0.26, 0.5, 0.74), "large": (0.36, 0.5, 0.64)}
 

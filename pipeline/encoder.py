@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from pipeline.errors import PipelineError
@@ -81,6 +80,8 @@ def resolve_weights(arch: str, weights: str) -> tuple[str, str, str]:
     if weights == "none":
         return f"none:seed={RANDOM_INIT_SEED}", "", ""
     if weights == "imagenet":
+        import torchvision  # here, not at the top: importing it costs ~2 s that train and evaluate never need
+
         enum = torchvision.models.get_model_weights(arch).DEFAULT
         return f"imagenet:{enum}", "", ""
     path = Path(weights)
@@ -101,6 +102,8 @@ def make_spec(arch: str, weights: str, resize: int = 256, crop: int = 224) -> En
 
 def build_encoder(spec: EncoderSpec, weights_file: str | os.PathLike | None = None) -> Encoder:
     """Build the frozen encoder that `spec` describes (the weights file is checked against its sha256)."""
+    import torchvision
+
     builder = getattr(torchvision.models, spec.arch)
     kind = spec.weights.split(":", 1)[0]
     if kind == "none":

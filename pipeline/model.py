@@ -25,6 +25,10 @@ class ModelConfig:
     num_layers: int = 1
     dropout: float = 0.0  # on the LSTM outputs, and between LSTM layers
     batchnorm: bool = False  # BatchNorm1d after the projection (the Mastering PyTorch variant)
+    # Image-blind baseline: every image feature is replaced by the training-set mean feature, so the
+    # decoder learns the best caption it can without looking. Its score is the floor that a real
+    # model's must clear by far, or the captions do not depend on the picture.
+    blind: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +62,8 @@ class CaptionDecoder(nn.Module):
     def init_state(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, D) -> LSTM state (h, c), each (layers, B, H), after reading the image."""
         x = (features.float() - self.feature_mean) / self.feature_std  # (B, D)
+        if self.cfg.blind:
+            x = torch.zeros_like(x)  # the mean feature, standardized
         x = self.bn(self.project(x.to(self.project.weight.dtype)))  # (B, E)
         _, state = self.lstm(x.unsqueeze(1))  # input (B, 1, E)
         return state

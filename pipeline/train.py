@@ -12,6 +12,7 @@ Outputs:  OUT/last.pt, OUT/best.pt
           METRICS/train_steps.csv   step, epoch, loss, perplexity, lr      (dvc plots)
           METRICS/train_epochs.json [{epoch, train_loss, val_loss, val_perplexity, CIDEr, BLEU-4, ...}] (dvc plots)
           METRICS/train.json        best epoch and its scores             (dvc metrics)
+          METRICS/train.png         the curves of both, drawn with matplotlib (opens offline)
 
 Many processes (`torchrun --nproc_per_node N -m pipeline train ...`, see `pipeline.distributed`):
 DistributedDataParallel, one process per GPU (LOCAL_RANK) with nccl, or per CPU share with gloo.
@@ -51,6 +52,7 @@ from pipeline.errors import PipelineError
 from pipeline.extract import choose_device
 from pipeline.fileio import write_json, write_text
 from pipeline.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
+from pipeline.plots import plot_training
 
 
 @dataclass
@@ -241,7 +243,7 @@ def validate(model: CaptionDecoder, data: CaptionData, cfg: TrainConfig, device:
 def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "checkpoints",
           metrics_dir: str | os.PathLike = "metrics", cfg: TrainConfig | None = None, embed_size: int = 256,
           hidden_size: int = 512, num_layers: int = 1, dropout: float = 0.0, batchnorm: bool = False,
-          resume: bool = False, progress: bool = True, log=print) -> TrainSummary:
+          blind: bool = False, resume: bool = False, progress: bool = True, log=print) -> TrainSummary:
     cfg = cfg or TrainConfig()
     cfg.check()
     out, metrics_dir = Path(out), Path(metrics_dir)
@@ -254,7 +256,7 @@ def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "chec
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model_cfg = ModelConfig(feature_dim=data.encoder.feature_dim, vocab_size=len(data.vocab), embed_size=embed_size,
-                            hidden_size=hidden_size, num_layers=num_layers, dropout=dropout, batchnorm=batchnorm)
+                            hidden_size=hidden_size, num_layers=num_layers, dropout=dropout, batchnorm=batchnorm, blind=blind)
     train_rows = data.caption_rows("train")
     if len(train_rows) == 0:
         raise PipelineError(f"{cache_dir} has no training captions with a valid image: check `pipeline prepare`'s summary")
@@ -356,7 +358,7 @@ def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "chec
             log(f"early stop: no better validation CIDEr for {cfg.patience} epoch(s)")
             break
     if dist.is_main:
-        _write_logs(metrics_dir, steps_log, state, cfg)
+        _write_logs(metrics_dir, steps_log, state, cfg, final=True)
     return TrainSummary(epochs_run=state["epoch"], steps=state["step"], best_epoch=state["best_epoch"],
                         best=dict(state["best"]), seconds=state["seconds"],
                         captions_per_second=state["captions"] / state["seconds"] if state["seconds"] else 0.0,
@@ -386,7 +388,7 @@ def _read_steps(path: Path) -> list[dict]:
                  "perplexity": float(r["perplexity"]), "lr": float(r["lr"])} for r in csv.DictReader(f)]
 
 
-def _write_logs(metrics_dir: Path, steps_log: list[dict], state: dict, cfg: TrainConfig) -> None:
+def _write_logs(metrics_dir: Path, steps_log: list[dict], state: dict, cfg: TrainConfig, final: bool = False) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["step", "epoch", "loss", "perplexity", "lr"], lineterminator="\n")
     w.writeheader()
@@ -398,3 +400,6 @@ def _write_logs(metrics_dir: Path, steps_log: list[dict], state: dict, cfg: Trai
                "train_seconds": round(state["seconds"], 3),
                "captions_per_second": round(state["captions"] / state["seconds"], 1) if state["seconds"] else 0.0}
     write_json(metrics_dir / "train.json", summary)
+    if final:  # ~0.7 s a picture: once per run, not at every save
+        plot_training(steps_log, state["history"], metrics_dir / "train.png",
+                      title=f"{metrics_dir}: best epoch {state['best_epoch']} of {state['epoch']}")

@@ -79,6 +79,11 @@ def test_training_reduces_loss_and_writes_outputs(cache, tmp_path):
     assert ckpt["encoder"]["arch"] == "resnet18" and ckpt["encoder"]["crop"] == 64
     assert ckpt["vocab"] == Vocabulary.load(cache).tokens and ckpt["epoch"] == 4
     assert ckpt["model_config"]["hidden_size"] == 48 and "optimizer" in ckpt and "torch" in ckpt["rng"]
+    from PIL import Image  # the curves as a picture, for machines where `dvc plots show` cannot load Vega
+
+    with Image.open(m / "train.png") as png:
+        assert png.format == "PNG" and png.width > 800 and png.height > 300
+        assert len(png.convert("RGB").getcolors(1 << 16) or []) > 50  # drawn on, not blank
 
 
 def test_resume_reproduces_uninterrupted_run(cache, tmp_path):
@@ -100,6 +105,48 @@ def test_resume_with_other_model_settings_is_refused(cache, tmp_path):
     with pytest.raises(PipelineError, match="other model settings"):
         train(cache, tmp_path / "ckpt", tmp_path / "metrics", cfg(), resume=True, progress=False,
               log=lambda m: None, embed_size=16, hidden_size=48)
+
+
+def test_blind_decoder_cannot_see_the_image(cache, tmp_path):
+    """The image-blind baseline: same captions whatever the picture, recorded in the checkpoint."""
+    torch.manual_seed(0)
+    model = CaptionDecoder(ModelConfig(feature_dim=10, vocab_size=12, embed_size=8, hidden_size=16, blind=True))
+    model.fit_feature_stats(torch.randn(20, 10) * 3 + 1)
+    a, b = model.init_state(torch.randn(4, 10)), model.init_state(torch.randn(4, 10) * 100)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    mean = model.init_state(model.feature_mean.expand(4, 10))  # the same as seeing only the mean feature
+    model.cfg = ModelConfig(feature_dim=10, vocab_size=12, embed_size=8, hidden_size=16, blind=False)
+    assert all(torch.allclose(x, y) for x, y in zip(mean, model.init_state(model.feature_mean.expand(4, 10))))
+
+    run(cache, tmp_path, {"blind": True}, epochs=2)
+    assert load_checkpoint(tmp_path / "ckpt" / "best.pt")["model_config"]["blind"] is True
+    evaluate(tmp_path / "ckpt" / "best.pt", cache, split="val", out=tmp_path / "e.json", results=tmp_path / "r.json",
+             tokenizer="simple")
+    captions = {r["caption"] for r in json.loads((tmp_path / "r.json").read_text())}
+    assert len(captions) == 1  # one caption for every image: it never looked
+
+
+def test_bench_blind_trains_both_ways_from_params(cache, tmp_path):
+    """`pipeline --params params.yaml bench blind`: both runs take params.yaml's settings; a ratio below
+    --target is a failure (one line, exit status 1)."""
+    params = tmp_path / "params.yaml"
+    params.write_text("model: {embed_size: 32, hidden_size: 48, blind: false}\n"
+                      "train: {epochs: 3, batch_size: 8, lr: 0.005, device: cpu}\n"
+                      "eval: {split: val, beam_size: 2, max_length: 12, tokenizer: simple}\n")
+    cli = CliRunner()
+    out = tmp_path / "bench.json"
+    r = cli.invoke(main, ["--params", str(params), "bench", "blind", "--cache-dir", str(cache), "--target", "0",
+                          "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "3 epochs, hidden 48, val split" in r.output and "seeing / blind" in r.output
+    res = json.loads(out.read_text())
+    assert res["split"] == "val" and res["target"] == 0
+    assert res["cider_ratio"] == pytest.approx(res["seeing"]["CIDEr"] / res["blind"]["CIDEr"])
+    assert res["seeing"]["CIDEr"] != res["blind"]["CIDEr"]
+    r = cli.invoke(main, ["--params", str(params), "bench", "blind", "--cache-dir", str(cache), "--epochs", "1",
+                          "--target", "1000"])
+    assert r.exit_code == 1 and "1 epochs" in r.output and "Traceback" not in r.output
+    assert r.output.splitlines()[-1].startswith("Error: CIDEr seeing / blind is") and "below the target 1000x" in r.output
 
 
 def test_beam_one_equals_greedy_with_real_decoder():
