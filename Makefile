@@ -36,4 +36,4 @@ bench: venv
 	$(BIN)/python -m pipeline bench train
 
 clean:
-	rm -rf cache checkpoints metrics results data/demo
+	rm -rf cache checkpoints metrics results data/demo dvc_plots
