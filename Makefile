@@ -9,10 +9,12 @@ export PYTHONUNBUFFERED := 1
 
 venv: $(VENV)/.installed
 
+# -qq: errors only (pip otherwise warns about every index location a local pip.conf names).
 $(VENV)/.installed: setup.cfg pyproject.toml
+	@echo "setting up $(VENV): torch, torchvision, dvc, ... (a few minutes, once)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install -qq --upgrade pip
+	$(BIN)/python -m pip install -qq -e '.[test]'
 	touch $@
 
 test: venv

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -343,13 +344,28 @@ def demo_data(dest, n_train, n_val, n_test, image_size, seed):
     from pipeline.demo_data import make_demo_data
 
     info = make_demo_data(dest, n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size, seed=seed)
-    click.echo(f"demo data -> {dest}: {info}")
+    counts = ", ".join(f"{split} {n}" for split, n in info["counts"].items())
+    click.echo(f"demo data -> {dest}: {sum(info['counts'].values())} images ({counts}), "
+               f"{sum(info['n_captions'].values())} captions, {len(info['vocabulary'])} distinct words; "
+               f"annotations in {Path(dest) / 'annotations'}")
 
 
 # ----------------------------------------------------------------------------------------------- bench
 @main.group()
 def bench():
-    """Throughput benchmarks that print their figures and ratios."""
+    """Benchmarks that print their figures and ratios, and fail (exit status 1) when a target is missed."""
+
+
+def check_targets(checks: list[tuple[str, float, float, str]]) -> None:
+    """checks: (what, measured, target, ">=" or "<="). Prints each; one Error line lists every miss."""
+    missed = []
+    for what, value, target, op in checks:
+        ok = value >= target if op == ">=" else value <= target
+        click.echo(f"  target {what} {op} {target:g}: {'met' if ok else 'MISSED'} ({value:.3g})")
+        if not ok:
+            missed.append(f"{what} {value:.3g} (target {op} {target:g})")
+    if missed:
+        raise PipelineError("benchmark target missed: " + "; ".join(missed))
 
 
 @bench.command("extract")
@@ -357,8 +373,13 @@ def bench():
               help="Image files, folders or globs to run over (repeatable).")
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(0), help="Use the first N images (0: all).")
 @extract_options
+@click.option("--target-ratio", default=0.85, show_default=True, type=click.FloatRange(0),
+              help="Least full-extract / bare-forward throughput ratio.")
+@click.option("--max-memory-mb", default=2048, show_default=True, type=click.FloatRange(0),
+              help="Most peak resident memory of any one process (main or decode worker).")
 @click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the figures as JSON.")
-def bench_extract_cmd(images, limit, arch, weights, batch_size, workers, device, resize, crop, amp, json_out):
+def bench_extract_cmd(images, limit, arch, weights, batch_size, workers, device, resize, crop, amp, target_ratio,
+                      max_memory_mb, json_out):
     """Bare encoder forward vs full `extract` throughput on the same images, and their ratio."""
     from pipeline.bench import bench_extract
     from pipeline.fileio import write_json
@@ -367,6 +388,8 @@ def bench_extract_cmd(images, limit, arch, weights, batch_size, workers, device,
                         device=device, resize=resize, crop=crop, amp=amp, limit=limit, log=click.echo)
     if json_out:
         write_json(json_out, res)
+    check_targets([("ratio extract / bare", res["ratio"], target_ratio, ">="),
+                   ("peak memory MB", max(res["peak_rss_main_mb"], res["peak_rss_worker_mb"]), max_memory_mb, "<=")])
 
 
 @bench.command("train")
@@ -381,9 +404,13 @@ def bench_extract_cmd(images, limit, arch, weights, batch_size, workers, device,
               help="Time only the first N batches of the epoch (0: the whole epoch).")
 @click.option("--notebook-batches", default=10, show_default=True, type=click.IntRange(1),
               help="Batches timed the notebook way (ResNet at every step).")
+@click.option("--target-ratio", default=0.9, show_default=True, type=click.FloatRange(0),
+              help="Least train-from-cache / bare-decoder-step throughput ratio.")
+@click.option("--target-speedup", default=10.0, show_default=True, type=click.FloatRange(0),
+              help="Least speed-up of training from the cache over the notebook way.")
 @click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the figures as JSON.")
 def bench_train_cmd(cache_dir, batch_size, embed_size, hidden_size, device, amp, max_batches, notebook_batches,
-                    json_out):
+                    target_ratio, target_speedup, json_out):
     """Bare decoder step vs `train` from the cache vs the ResNet-every-step notebook way."""
     from pipeline.bench import bench_train
     from pipeline.fileio import write_json
@@ -393,6 +420,8 @@ def bench_train_cmd(cache_dir, batch_size, embed_size, hidden_size, device, amp,
                       log=click.echo)
     if json_out:
         write_json(json_out, res)
+    check_targets([("ratio train / bare", res["ratio"], target_ratio, ">="),
+                   ("speed-up over the notebook way", res["speedup_vs_notebook"], target_speedup, ">=")])
 
 
 @bench.command("blind")
@@ -406,7 +435,7 @@ def bench_train_cmd(cache_dir, batch_size, embed_size, hidden_size, device, amp,
 @click.option("--length-penalty", default=0.0, show_default=True, type=float)
 @click.option("--tokenizer", default="auto", show_default=True, type=click.Choice(["auto", "ptb", "simple"]))
 @click.option("--target", default=2.0, show_default=True, type=click.FloatRange(0),
-              help="Fail (exit status 1) when the CIDEr ratio seeing / blind is below this.")
+              help="Least CIDEr ratio seeing / blind.")
 @click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the figures as JSON.")
 def bench_blind_cmd(cache_dir, split, beam_size, eval_max_length, length_penalty, tokenizer, target, json_out,
                     **options):
@@ -425,10 +454,7 @@ def bench_blind_cmd(cache_dir, split, beam_size, eval_max_length, length_penalty
     res["target"] = target
     if json_out:
         write_json(json_out, res)
-    if res["cider_ratio"] < target:
-        raise PipelineError(f"CIDEr seeing / blind is {res['cider_ratio']:.2f}x, below the target {target:g}x: "
-                            f"the captions depend too little on the picture")
-    click.echo(f"  target >= {target:g}x: met")
+    check_targets([("CIDEr seeing / blind", res["cider_ratio"], target, ">=")])
 
 
 if __name__ == "__main__":

@@ -215,3 +215,20 @@ def test_local_weights_file(prepared_cache, tmp_path):
 def test_missing_manifest_is_clear(tmp_path):
     with pytest.raises(PipelineError, match="pipeline prepare"):
         extract(tmp_path, **SMALL)
+
+
+def test_bench_extract_prints_figures_and_fails_below_its_targets(coco_dataset, tmp_path):
+    args = ["bench", "extract", "--images", coco_dataset["images"][0], "--arch", "resnet18", "--weights", "none",
+            "--resize", "72", "--crop", "64", "--workers", "0", "--device", "cpu"]
+    out = tmp_path / "bench.json"
+    # the memory target is for a process of its own; pytest's has loaded much more
+    r = CliRunner().invoke(main, args + ["--target-ratio", "0", "--max-memory-mb", "1e6", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["images"] > 0 and res["bare_images_per_s"] > 0 and res["extract_images_per_s"] > 0
+    assert res["ratio"] == pytest.approx(res["extract_images_per_s"] / res["bare_images_per_s"])
+    assert "target ratio extract / bare >= 0: met" in r.output and "target peak memory MB <= 1e+06: met" in r.output
+    r = CliRunner().invoke(main, args + ["--target-ratio", "1000", "--max-memory-mb", "1"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.splitlines()[-1].startswith("Error: benchmark target missed: ratio extract / bare")
+    assert "peak memory MB" in r.output.splitlines()[-1]

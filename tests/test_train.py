@@ -146,7 +146,22 @@ def test_bench_blind_trains_both_ways_from_params(cache, tmp_path):
     r = cli.invoke(main, ["--params", str(params), "bench", "blind", "--cache-dir", str(cache), "--epochs", "1",
                           "--target", "1000"])
     assert r.exit_code == 1 and "1 epochs" in r.output and "Traceback" not in r.output
-    assert r.output.splitlines()[-1].startswith("Error: CIDEr seeing / blind is") and "below the target 1000x" in r.output
+    assert "target CIDEr seeing / blind >= 1000: MISSED" in r.output
+    assert r.output.splitlines()[-1].startswith("Error: benchmark target missed: CIDEr seeing / blind")
+
+
+def test_bench_train_prints_figures_and_fails_below_its_targets(cache, tmp_path):
+    args = ["bench", "train", "--cache-dir", str(cache), "--batch-size", "8", "--embed-size", "32", "--hidden-size",
+            "48", "--device", "cpu", "--notebook-batches", "2"]
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(main, args + ["--target-ratio", "0", "--target-speedup", "0", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["ratio"] == pytest.approx(res["train_captions_per_s"] / res["bare_captions_per_s"])
+    assert res["speedup_vs_notebook"] == pytest.approx(res["train_captions_per_s"] / res["notebook_captions_per_s"])
+    r = CliRunner().invoke(main, args + ["--target-speedup", "1e9"])
+    assert r.exit_code == 1 and "target speed-up over the notebook way >= 1e+09: MISSED" in r.output
+    assert r.output.splitlines()[-1].startswith("Error: benchmark target missed:")
 
 
 def test_beam_one_equals_greedy_with_real_decoder():
