@@ -24,6 +24,7 @@ def plot_training(steps: list[dict], epochs: list[dict], out: str | os.PathLike,
     epochs: [{"epoch", "step", "val_loss", "CIDEr", "BLEU-4", ...}]   one per epoch (train_epochs.json)
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     fig = Figure(figsize=(11, 4), layout="constrained")
     loss_ax, score_ax = fig.subplots(1, 2)
@@ -37,6 +38,9 @@ def plot_training(steps: list[dict], epochs: list[dict], out: str | os.PathLike,
     if val:
         loss_ax.plot(*zip(*val), "o-", color="tab:orange", label="validation (per epoch)")
     loss_ax.set(xlabel="step", ylabel="cross-entropy per word", title="loss", yscale="log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.6, 2 rather than 6x10^-1, 2x10^0 on the log axis
+    loss_ax.yaxis.set_major_formatter(plain)
+    loss_ax.yaxis.set_minor_formatter(plain)
     loss_ax.grid(alpha=0.3)
     if steps or val:
         loss_ax.legend()

@@ -158,7 +158,7 @@ def test_two_process_training_matches_one_process_and_resumes(cache):
     ok(r1)
     # one set of outputs
     assert sorted(p.name for p in (cwd / "two" / "ckpt").iterdir()) == ["best.pt", "last.pt"]
-    assert sorted(p.name for p in (cwd / "two" / "m").iterdir()) == ["train.json", "train_epochs.json", "train_steps.csv"]
+    assert sorted(p.name for p in (cwd / "two" / "m").iterdir()) == ["train.json", "train.png", "train_epochs.json", "train_steps.csv"]
 
     e1 = json.loads((cwd / "one" / "m" / "train_epochs.json").read_text())
     e2 = json.loads((cwd / "two" / "m" / "train_epochs.json").read_text())
