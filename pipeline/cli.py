@@ -167,9 +167,6 @@ def extract(cache_dir, out, arch, weights, batch_size, workers, device, resize, 
 
 
 # ----------------------------------------------------------------------------------------------- train
-MODEL_OPTIONS = ("embed_size", "hidden_size", "num_layers", "dropout", "batchnorm", "blind")
-
-
 def train_options(f, blind: bool = True):
     """Model and training options shared by `train` and `bench blind`, so both train the same way."""
     options = [
@@ -213,11 +210,15 @@ def train_options(f, blind: bool = True):
 
 
 def split_train_options(options: dict) -> tuple[dict, "TrainConfig"]:
-    """train_options' values -> (model keyword arguments, TrainConfig)."""
+    """train_options' values -> (the decoder's keyword arguments, TrainConfig): what TrainConfig does not
+    name is a model setting."""
+    from dataclasses import fields
+
     from pipeline.train import TrainConfig
 
-    model = {k: options.pop(k) for k in MODEL_OPTIONS if k in options}
-    return model, TrainConfig(**options)
+    names = {f.name for f in fields(TrainConfig)}
+    model = {k: v for k, v in options.items() if k not in names}
+    return model, TrainConfig(**{k: v for k, v in options.items() if k in names})
 
 
 @main.command()
