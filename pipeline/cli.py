@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
@@ -25,7 +25,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except PipelineError as e:
-            from pipeline import distributed
+            from pipeline.core import distributed
 
             if isinstance(e, distributed.SharedError) and not distributed.context().is_main:
                 sys.exit(1)  # under torchrun, rank 0 prints the shared message once
@@ -102,7 +102,7 @@ def main(ctx: click.Context, params_file: str | None) -> None:
 @click.option("--strict", is_flag=True, help="Fail when an annotated image is missing on disk (default: skip and count).")
 def prepare(dataset, annotations, images, out_dir, vocab_threshold, max_length, strict):
     """Read a dataset into manifest.json, vocab.json and labels.h5 under --out-dir."""
-    from pipeline.prepare import prepare as run
+    from pipeline.prepare.prepare import prepare as run
 
     summary = run(dataset=dataset, annotations=list(annotations), images=list(images), out_dir=out_dir,
                   vocab_threshold=vocab_threshold, max_length=max_length, strict=strict)
@@ -151,12 +151,12 @@ def extract(cache_dir, out, arch, weights, batch_size, workers, device, resize, 
 
     Resumable: rerun the same command after an interruption and it continues where it stopped.
     """
-    from pipeline.extract import extract as run
+    from pipeline.extract.extract import extract as run
 
     summary = run(cache_dir=cache_dir, out=out, arch=arch, weights=weights, batch_size=batch_size, workers=workers,
                   device=device, dtype=dtype, resize=resize, crop=crop, amp=amp, chunk_size=chunk_size,
                   force=force, progress=not quiet)
-    from pipeline import distributed
+    from pipeline.core import distributed
 
     if distributed.context().is_main:
         for path, reason in summary.failures[:20]:
@@ -214,7 +214,7 @@ def split_train_options(options: dict) -> tuple[dict, "TrainConfig"]:
     name is a model setting."""
     from dataclasses import fields
 
-    from pipeline.train import TrainConfig
+    from pipeline.train.train import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     model = {k: v for k, v in options.items() if k not in names}
@@ -233,8 +233,8 @@ def split_train_options(options: dict) -> tuple[dict, "TrainConfig"]:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(cache_dir, out, metrics_dir, resume, quiet, **options):
     """Train the projection + LSTM decoder from the feature cache (the CNN is never run)."""
-    from pipeline import distributed
-    from pipeline.train import train as run
+    from pipeline.core import distributed
+    from pipeline.train.train import train as run
 
     model, cfg = split_train_options(options)
     is_main = distributed.context().is_main
@@ -272,7 +272,7 @@ def decoding_options(f):
 def evaluate(checkpoint, cache_dir, split, out, results, beam_size, max_length, length_penalty, device, tokenizer,
              max_images):
     """Decode a split from the cached features and score it (BLEU-1..4, METEOR, ROUGE-L, CIDEr)."""
-    from pipeline.evaluate import evaluate as run
+    from pipeline.evaluate.evaluate import evaluate as run
 
     summary = run(checkpoint=checkpoint, cache_dir=cache_dir, split=split, out=out, results=results,
                   beam_size=beam_size, max_length=max_length, length_penalty=length_penalty, device=device,
@@ -294,7 +294,7 @@ def evaluate(checkpoint, cache_dir, split, out, results, beam_size, max_length, 
 def caption(inputs, checkpoint, beam_size, max_length, length_penalty, device, batch_size, encoder_weights,
             json_out, html_out):
     """Caption image files: IMAGE, DIR or GLOB... Prints path<TAB>caption."""
-    from pipeline.caption import caption_images, write_html, write_results_json
+    from pipeline.caption.caption import caption_images, write_html, write_results_json
 
     results = caption_images(checkpoint, list(inputs), beam_size=beam_size, max_length=max_length,
                              length_penalty=length_penalty, device=device, batch_size=batch_size,
@@ -325,7 +325,7 @@ def download():
 @click.option("--delete-archives", is_flag=True, help="Delete each zip once it is extracted.")
 def download_coco2014(dest, base_url, karpathy_url, delete_archives):
     """COCO 2014 train+val images, captions and Karpathy's split into DEST (resumable)."""
-    from pipeline.download import download_coco2014 as run
+    from pipeline.acquire.download import download_coco2014 as run
 
     summary = run(dest, base_url=base_url, karpathy_url=karpathy_url, keep_archives=not delete_archives,
                   log=lambda m: click.echo(m, err=True))
@@ -342,7 +342,7 @@ def download_coco2014(dest, base_url, karpathy_url, delete_archives):
 @click.option("--seed", default=0, show_default=True, type=int)
 def demo_data(dest, n_train, n_val, n_test, image_size, seed):
     """Generate the offline demo dataset (COCO captions format) into DEST, deterministically."""
-    from pipeline.demo_data import make_demo_data
+    from pipeline.acquire.demo_data import make_demo_data
 
     info = make_demo_data(dest, n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size, seed=seed)
     counts = ", ".join(f"{split} {n}" for split, n in info["counts"].items())
@@ -382,8 +382,8 @@ def check_targets(checks: list[tuple[str, float, float, str]]) -> None:
 def bench_extract_cmd(images, limit, arch, weights, batch_size, workers, device, resize, crop, amp, target_ratio,
                       max_memory_mb, json_out):
     """Bare encoder forward vs full `extract` throughput on the same images, and their ratio."""
-    from pipeline.bench import bench_extract
-    from pipeline.fileio import write_json
+    from pipeline.bench.bench import bench_extract
+    from pipeline.core.fileio import write_json
 
     res = bench_extract(list(images), arch=arch, weights=weights, batch_size=batch_size, workers=workers,
                         device=device, resize=resize, crop=crop, amp=amp, limit=limit, log=click.echo)
@@ -413,8 +413,8 @@ def bench_extract_cmd(images, limit, arch, weights, batch_size, workers, device,
 def bench_train_cmd(cache_dir, batch_size, embed_size, hidden_size, device, amp, max_batches, notebook_batches,
                     target_ratio, target_speedup, json_out):
     """Bare decoder step vs `train` from the cache vs the ResNet-every-step notebook way."""
-    from pipeline.bench import bench_train
-    from pipeline.fileio import write_json
+    from pipeline.bench.bench import bench_train
+    from pipeline.core.fileio import write_json
 
     res = bench_train(cache_dir, batch_size=batch_size, embed_size=embed_size, hidden_size=hidden_size,
                       device=device, amp=amp, notebook_batches=notebook_batches, max_batches=max_batches,
@@ -445,8 +445,8 @@ def bench_blind_cmd(cache_dir, split, beam_size, eval_max_length, length_penalty
     With `pipeline --params params.yaml bench blind`, both runs use params.yaml's model, train and
     eval settings, so the blind decoder is trained exactly as `dvc repro` trains the real one.
     """
-    from pipeline.bench import bench_blind
-    from pipeline.fileio import write_json
+    from pipeline.bench.bench import bench_blind
+    from pipeline.core.fileio import write_json
 
     model, cfg = split_train_options(options)
     click.echo(f"bench blind: {cache_dir}, {cfg.epochs} epochs, hidden {model['hidden_size']}, {split} split")

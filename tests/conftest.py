@@ -178,7 +178,7 @@ def flickr8k_dataset(tmp_path: Path) -> dict:
 @pytest.fixture
 def prepared_cache(tmp_path: Path, coco_dataset: dict) -> Path:
     """A cache dir (manifest.json, vocab.json, labels.h5) prepared from `coco_dataset` with threshold 1."""
-    from pipeline.prepare import prepare
+    from pipeline.prepare.prepare import prepare
 
     out = tmp_path / "cache"
     prepare("coco", coco_dataset["annotations"], coco_dataset["images"], out_dir=out, vocab_threshold=1)

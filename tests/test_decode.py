@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.decode import Hypothesis, beam_search, decode, greedy_decode
+from pipeline.decoder.decode import Hypothesis, beam_search, decode, greedy_decode
 
 PAD, START, END = 0, 1, 2
 

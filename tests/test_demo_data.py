@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import demo_data
-from pipeline.demo_data import make_demo_data
-from pipeline.errors import PipelineError
+from pipeline.acquire import demo_data
+from pipeline.acquire.demo_data import make_demo_data
+from pipeline.core.errors import PipelineError
 
 SMALL = dict(n_train=12, n_val=4, n_test=5, image_size=64)
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.extract import extract
+from pipeline.extract.extract import extract
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ TRAIN = ["train", "--batch-size", "8", "--lr", "0.005", "--embed-size", "32", "-
 # SIGKILLs the process right after its first part is durable (as a crash or an OOM kill would).
 WRAPPER = """
 import os, signal, sys
-import pipeline.extract as ex
+import pipeline.extract.extract as ex
 from pipeline.cli import main
 original = ex._write_part
 def write_part(parts_dir, k, feats, errors):

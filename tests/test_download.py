@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import download
-from pipeline.download import COCO2014_FILES, download_coco2014
-from pipeline.errors import PipelineError
+from pipeline.acquire import download
+from pipeline.acquire.download import COCO2014_FILES, download_coco2014
+from pipeline.core.errors import PipelineError
 
 _rng = random.Random(0)
 TRAIN_JPG = _rng.randbytes(30_000)  # incompressible, so "half the bytes" is half the archive

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.demo_data import make_demo_data
+from pipeline.acquire.demo_data import make_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -18,10 +18,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.errors import PipelineError
-from pipeline.extract import extract
-from pipeline.images import Preprocess
-from pipeline.manifest import ImageRecord, load_manifest
+from pipeline.core.errors import PipelineError
+from pipeline.extract.extract import extract
+from pipeline.extract.images import Preprocess
+from pipeline.core.manifest import ImageRecord, load_manifest
 
 SMALL = dict(arch="resnet18", weights="none", resize=72, crop=64, batch_size=4, workers=0, progress=False)
 
@@ -121,7 +121,7 @@ def test_cli_refusal_is_one_clear_line(prepared_cache):
 
 KILLER = """
 import os, signal, sys
-import pipeline.extract as ex
+import pipeline.extract.extract as ex
 original = ex._write_part
 def write_then_die(parts_dir, k, feats, errors):
     original(parts_dir, k, feats, errors)

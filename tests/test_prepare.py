@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import VAL_ONLY_COLOUR, make_jpeg
-from pipeline.datasets import read_coco, read_dataset, read_flickr8k, read_karpathy
-from pipeline.errors import PipelineError
-from pipeline.manifest import load_manifest
-from pipeline.prepare import LABELS_NAME, prepare
-from pipeline.vocab import SPECIALS, Vocabulary, tokenize
+from pipeline.prepare.datasets import read_coco, read_dataset, read_flickr8k, read_karpathy
+from pipeline.core.errors import PipelineError
+from pipeline.core.manifest import load_manifest
+from pipeline.prepare.prepare import LABELS_NAME, prepare
+from pipeline.core.vocab import SPECIALS, Vocabulary, tokenize
 
 # ------------------------------------------------------------------------------------------ readers
 

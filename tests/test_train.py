@@ -10,16 +10,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.checkpoint import load_checkpoint
+from pipeline.decoder.checkpoint import load_checkpoint
 from pipeline.cli import main
-from pipeline.data import length_grouped_batches, load_cache
-from pipeline.decode import beam_search, greedy_decode
-from pipeline.errors import PipelineError
-from pipeline.evaluate import evaluate
-from pipeline.extract import extract
-from pipeline.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
-from pipeline.train import TrainConfig, train
-from pipeline.vocab import Vocabulary
+from pipeline.decoder.data import length_grouped_batches, load_cache
+from pipeline.decoder.decode import beam_search, greedy_decode
+from pipeline.core.errors import PipelineError
+from pipeline.evaluate.evaluate import evaluate
+from pipeline.extract.extract import extract
+from pipeline.decoder.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
+from pipeline.train.train import TrainConfig, train
+from pipeline.core.vocab import Vocabulary
 
 SMALL = dict(arch="resnet18", weights="none", resize=72, crop=64, batch_size=8, workers=0, progress=False)
 TINY_MODEL = dict(embed_size=32, hidden_size=48)

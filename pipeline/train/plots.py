@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.fileio import atomic_path
+from pipeline.core.fileio import atomic_path
 
 SCORES = ("CIDEr", "BLEU-4")
 

@@ -31,7 +31,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 __all__ = [
     "ALL_METRICS",

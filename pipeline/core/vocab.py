@@ -18,8 +18,8 @@ from typing import Iterable, Sequence
 
 from nltk.tokenize import TreebankWordTokenizer
 
-from pipeline.errors import PipelineError
-from pipeline.fileio import read_json, sha256_json, write_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.fileio import read_json, sha256_json, write_json
 
 VOCAB_NAME = "vocab.json"
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"

@@ -22,8 +22,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.errors import PipelineError
-from pipeline.fileio import read_json, sha256_json, write_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.fileio import read_json, sha256_json, write_json
 
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
-from pipeline.fileio import sha256_file
-from pipeline.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from pipeline.core.errors import PipelineError
+from pipeline.core.fileio import sha256_file
+from pipeline.extract.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 RANDOM_INIT_SEED = 0

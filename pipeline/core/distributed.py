@@ -34,7 +34,7 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as tdist
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 T = TypeVar("T")
 

@@ -44,15 +44,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import distributed
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.data import CaptionData, length_grouped_batches, load_cache
-from pipeline.decode import decode
-from pipeline.errors import PipelineError
-from pipeline.extract import choose_device
-from pipeline.fileio import write_json, write_text
-from pipeline.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
-from pipeline.plots import plot_training
+from pipeline.core import distributed
+from pipeline.decoder.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.decoder.data import CaptionData, length_grouped_batches, load_cache
+from pipeline.decoder.decode import decode
+from pipeline.core.errors import PipelineError
+from pipeline.extract.extract import choose_device
+from pipeline.core.fileio import write_json, write_text
+from pipeline.decoder.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
+from pipeline.train.plots import plot_training
 
 
 @dataclass
@@ -233,7 +233,7 @@ def validate(model: CaptionDecoder, data: CaptionData, cfg: TrainConfig, device:
     if len(val_images):
         hyps = decode(model, data.features[val_images].to(device).float(), beam_size=1, max_length=cfg.max_length,
                       start_id=v.start_id, end_id=v.end_id, banned_ids=(v.pad_id, v.start_id, v.unk_id))
-        from pipeline.metrics import fast_scores  # pycocoevalcap: loaded only when validation scores
+        from pipeline.decoder.metrics import fast_scores  # pycocoevalcap: loaded only when validation scores
 
         candidates = {int(r): v.decode(h.tokens) for r, h in zip(val_images, hyps)}
         out.update(fast_scores(references, candidates))

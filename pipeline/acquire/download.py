@@ -33,8 +33,8 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError
-from pipeline.fileio import write_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.fileio import write_json
 
 COCO_BASE_URL = "http://images.cocodataset.org/"
 KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"

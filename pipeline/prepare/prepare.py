@@ -28,11 +28,11 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.datasets import DATASETS, read_dataset
-from pipeline.errors import PipelineError
-from pipeline.fileio import atomic_path
-from pipeline.manifest import MANIFEST_NAME, SPLITS
-from pipeline.vocab import VOCAB_NAME, Vocabulary, tokenize
+from pipeline.prepare.datasets import DATASETS, read_dataset
+from pipeline.core.errors import PipelineError
+from pipeline.core.fileio import atomic_path
+from pipeline.core.manifest import MANIFEST_NAME, SPLITS
+from pipeline.core.vocab import VOCAB_NAME, Vocabulary, tokenize
 
 LABELS_NAME = "labels.h5"
 SPLIT_CODES = {s: i for i, s in enumerate(SPLITS)}

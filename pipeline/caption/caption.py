@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import load_checkpoint, restore_decoder
-from pipeline.decode import decode
-from pipeline.errors import PipelineError
-from pipeline.extract import choose_device, default_workers, encode_images, load_encoder
-from pipeline.fileio import write_json, write_text
-from pipeline.images import Preprocess
+from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
+from pipeline.decoder.decode import decode
+from pipeline.core.errors import PipelineError
+from pipeline.extract.extract import choose_device, default_workers, encode_images, load_encoder
+from pipeline.core.fileio import write_json, write_text
+from pipeline.extract.images import Preprocess
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

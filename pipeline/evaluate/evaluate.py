@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from pipeline.checkpoint import load_checkpoint, restore_decoder
-from pipeline.data import CaptionData, load_cache
-from pipeline.decode import decode
-from pipeline.errors import PipelineError
-from pipeline.extract import choose_device, describe_difference
-from pipeline.fileio import write_json
-from pipeline.manifest import SPLITS
-from pipeline.metrics import score_captions
+from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
+from pipeline.decoder.data import CaptionData, load_cache
+from pipeline.decoder.decode import decode
+from pipeline.core.errors import PipelineError
+from pipeline.extract.extract import choose_device, describe_difference
+from pipeline.core.fileio import write_json
+from pipeline.core.manifest import SPLITS
+from pipeline.decoder.metrics import score_captions
 
 
 @dataclass

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
-from pipeline.errors import PipelineError
-from pipeline.manifest import SPLITS, ImageRecord, Manifest
+from pipeline.core.errors import PipelineError
+from pipeline.core.manifest import SPLITS, ImageRecord, Manifest
 
 PathLike = str | os.PathLike
 DATASETS = ("coco", "karpathy", "flickr8k")

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.encoder import make_spec
-from pipeline.extract import _autocast, choose_device, default_workers, encode_images, extract, load_encoder
-from pipeline.caption import expand_inputs
-from pipeline.images import ImageFiles, collate
-from pipeline.manifest import ImageRecord, Manifest
-from pipeline.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
-from pipeline import distributed
+from pipeline.extract.encoder import make_spec
+from pipeline.extract.extract import _autocast, choose_device, default_workers, encode_images, extract, load_encoder
+from pipeline.caption.caption import expand_inputs
+from pipeline.extract.images import ImageFiles, collate
+from pipeline.core.manifest import ImageRecord, Manifest
+from pipeline.decoder.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
+from pipeline.core import distributed
 
 
 def _sync(dev: torch.device) -> None:
@@ -100,8 +100,8 @@ def bench_extract(images: list[str], arch: str = "resnet18", weights: str = "non
 def bench_train(cache_dir: str = "cache", batch_size: int = 128, embed_size: int = 256, hidden_size: int = 512,
                 device: str = "auto", amp: str = "auto", notebook_batches: int = 10, max_batches: int = 0,
                 log=print) -> dict:
-    from pipeline.data import load_cache
-    from pipeline.train import Trainer, TrainConfig, epoch_batches, run_epoch
+    from pipeline.decoder.data import load_cache
+    from pipeline.train.train import Trainer, TrainConfig, epoch_batches, run_epoch
 
     data = load_cache(cache_dir)
     cfg = TrainConfig(batch_size=batch_size, device=device, amp=amp)
@@ -201,8 +201,8 @@ def bench_blind(cache_dir: str = "cache", model: dict | None = None, cfg=None, s
     `model`: the decoder's keyword arguments of `pipeline.train.train` (embed_size, ...; not blind);
     `cfg`: a TrainConfig. Returns both score dicts and the CIDEr ratio seeing/blind.
     """
-    from pipeline.evaluate import evaluate
-    from pipeline.train import TrainConfig, train
+    from pipeline.evaluate.evaluate import evaluate
+    from pipeline.train.train import TrainConfig, train
 
     cfg = cfg or TrainConfig()
     model = dict(model or {})

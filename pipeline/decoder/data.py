@@ -17,12 +17,12 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline.encoder import EncoderSpec
-from pipeline.errors import PipelineError
-from pipeline.extract import FEATURES_NAME, read_cache_attrs
-from pipeline.manifest import SPLITS, Manifest, load_manifest
-from pipeline.prepare import LABELS_NAME
-from pipeline.vocab import Vocabulary, tokenize
+from pipeline.extract.encoder import EncoderSpec
+from pipeline.core.errors import PipelineError
+from pipeline.extract.extract import FEATURES_NAME, read_cache_attrs
+from pipeline.core.manifest import SPLITS, Manifest, load_manifest
+from pipeline.prepare.prepare import LABELS_NAME
+from pipeline.core.vocab import Vocabulary, tokenize
 
 
 @dataclass

@@ -31,12 +31,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import __version__, distributed
-from pipeline.encoder import EncoderSpec, build_encoder, make_spec
-from pipeline.errors import PipelineError
-from pipeline.fileio import atomic_path, sha256_json, write_json
-from pipeline.images import ImageFiles, Preprocess, collate
-from pipeline.manifest import Manifest, load_manifest
+from pipeline import __version__
+from pipeline.core import distributed
+from pipeline.extract.encoder import EncoderSpec, build_encoder, make_spec
+from pipeline.core.errors import PipelineError
+from pipeline.core.fileio import atomic_path, sha256_json, write_json
+from pipeline.extract.images import ImageFiles, Preprocess, collate
+from pipeline.core.manifest import Manifest, load_manifest
 
 FEATURES_NAME = "features.h5"
 DTYPES = {"float16": np.float16, "float32": np.float32}

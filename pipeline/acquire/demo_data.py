@@ -33,8 +33,8 @@ import random
 import re
 from pathlib import Path
 
-from pipeline.errors import PipelineError
-from pipeline.fileio import write_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.fileio import write_json
 
 SPLITS = ("train", "val", "test")
 
