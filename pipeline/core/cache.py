@@ -7,13 +7,33 @@ here lets stage 2 read stage 1's output without importing stage 1.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from pipeline.core.errors import PipelineError
 
 FEATURES_NAME = "features.h5"
 LABELS_NAME = "labels.h5"
+
+
+def checksummed(n_rows: int) -> dict:
+    """create_dataset keywords for HDF5's per-chunk fletcher32 checksum, so that a flipped byte in a
+    cache file fails the read (OSError) instead of returning garbage that trains a NaN model.
+    The filter needs chunks, which an empty dataset cannot have; variable-length strings take no filter."""
+    return {"fletcher32": True} if n_rows > 0 else {}
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike, rebuild: str) -> Iterator[None]:
+    """Turn an HDF5 read error inside the block (checksum mismatch, damaged metadata) into one
+    PipelineError naming the file and the command `rebuild` that writes it again."""
+    try:
+        yield
+    except OSError as e:
+        first = (str(e).strip().splitlines() or ["read error"])[0][:160]
+        raise PipelineError(f"{path} is damaged ({first}): rebuild it with `{rebuild}`") from None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline.core.cache import FEATURES_NAME, LABELS_NAME, EncoderSpec, read_features_attrs
+from pipeline.core.cache import FEATURES_NAME, LABELS_NAME, EncoderSpec, read_features_attrs, reading
 from pipeline.core.errors import PipelineError
 from pipeline.core.manifest import SPLITS, Manifest, load_manifest
 from pipeline.core.vocab import Vocabulary, tokenize
@@ -65,7 +65,7 @@ def load_cache(cache_dir: str | os.PathLike = "cache", features: str | os.PathLi
                                 f"{cache_dir}` first")
     attrs = read_features_attrs(features_path)
     settings = json.loads(attrs.get("settings", "{}") or "{}")
-    with h5py.File(labels_path, "r") as f:
+    with reading(labels_path, f"pipeline prepare --out-dir {cache_dir}"), h5py.File(labels_path, "r") as f:
         la = dict(f.attrs)
         labels = torch.from_numpy(f["labels"][:].astype(np.int64))
         lengths = torch.from_numpy(f["lengths"][:].astype(np.int64))
@@ -84,15 +84,28 @@ def load_cache(cache_dir: str | os.PathLike = "cache", features: str | os.PathLi
     if attrs.get("manifest_fingerprint") != manifest.fingerprint:
         refuse(f"{features_path.name} was extracted from another manifest (other images or order)",
                "Rerun `pipeline extract --force` on this cache")
-    with h5py.File(features_path, "r") as f:
+    with reading(features_path, f"pipeline extract --cache-dir {cache_dir} --force"), h5py.File(features_path, "r") as f:
         if not np.array_equal(f["image_ids"][:], label_ids) or f["features"].shape[0] != len(manifest.images):
             refuse(f"{features_path.name} rows do not match the labels' images", "Rerun `pipeline extract --force`")
         feats = torch.from_numpy(f["features"][:])  # (N, D) kept in its stored dtype
         valid = torch.from_numpy(f["valid"][:].astype(bool))
+    check_finite_features(feats, valid, features_path, cache_dir)
     encoder = EncoderSpec.from_dict(attrs)
     fingerprints = {"manifest": manifest.fingerprint, "vocab": vocab.fingerprint,
                     "features": str(attrs.get("settings_fingerprint", "")), "features_settings": settings}
     return CaptionData(manifest, vocab, encoder, feats, valid, labels, lengths, caption_image, image_split, fingerprints)
+
+
+def check_finite_features(feats: torch.Tensor, valid: torch.Tensor, path: Path, cache_dir: Path) -> None:
+    """Refuse inf/NaN in valid rows: the decoder's feature standardization would turn every feature into
+    NaN and training would go on (float16 overflow of large activations, or a damaged old cache)."""
+    finite = torch.cat([torch.isfinite(b).all(dim=1) for b in torch.split(feats, 8192)]) if len(feats) else valid
+    bad = ~finite & valid  # (N,); in blocks, so a COCO cache never needs a (N, D) bool copy at once
+    if bool(bad.any()):
+        n = int(bad.sum())
+        raise PipelineError(f"{path} holds non-finite features (inf/NaN) in {n} image row(s), e.g. row "
+                            f"{int(bad.nonzero()[0])}: rebuild it with `pipeline extract --cache-dir {cache_dir} "
+                            f"--force --dtype float32` (float16 overflows beyond 65504)")
 
 
 def length_grouped_batches(rows: torch.Tensor, lengths: torch.Tensor, batch_size: int,

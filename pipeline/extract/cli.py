@@ -14,8 +14,10 @@ from pipeline.extract.config import ExtractConfig
 @click.option("--out", default=None, type=click.Path(), help="Feature file [default: CACHE_DIR/features.h5].")
 @click_options(ExtractConfig)
 @click.option("--force", is_flag=True, help="Rebuild even if a cache with other settings exists.")
+@click.option("--retry-failed", is_flag=True,
+              help="Also redo the images that failed before (images whose file changed are always redone).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(cache_dir, out, force, quiet, **options):
+def extract(cache_dir, out, force, retry_failed, quiet, **options):
     """Run the frozen ResNet once over every image and store pooled features in HDF5.
 
     Resumable: rerun the same command after an interruption and it continues where it stopped.
@@ -24,7 +26,7 @@ def extract(cache_dir, out, force, quiet, **options):
     from pipeline.extract.extract import extract as run
 
     cfg, _ = ExtractConfig.pick(options)
-    summary = run(cache_dir, cfg, out=out, force=force, progress=not quiet)
+    summary = run(cache_dir, cfg, out=out, force=force, progress=not quiet, retry_failed=retry_failed)
     if distributed.context().is_main:
         for path, reason in summary.failures[:20]:
             click.echo(f"  failed: {path}: {reason}", err=True)

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from pipeline.core.runtime import AMP_CHOICES, DEVICE_HELP
 from pipeline.core.settings import Settings, setting
+from pipeline.extract.changes import VERIFY_CHOICES
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 DTYPES = ("float16", "float32")
@@ -21,6 +22,9 @@ class ExtractConfig(Settings):
                            "cache), a path to a local state-dict file, or 'none' (seeded random init, offline).")
     resize: int = setting(256, "Resize the shorter side to this many pixels...", min=1)
     crop: int = setting(224, "...then center-crop a square this size.", min=1)
+    verify: str = setting("stat", "How a rerun notices pictures changed since extraction (their chunks are redone): "
+                          "'stat' (file size and modification time, cheap) or 'hash' (also the sha256 of "
+                          "every file: reads them all).", choices=VERIFY_CHOICES)
     dtype: str = setting("float16", "Storage type of the features.", choices=DTYPES)
     batch_size: int = setting(64, "Images per forward pass.", min=1)
     chunk_size: int = setting(1024, "Rows per durable chunk: an interrupted run loses at most one chunk of work.",

@@ -5,6 +5,9 @@ Output `features.h5` (row i = manifest image i):
     valid    (N,)   bool              False for images that could not be decoded
     errors   (N,)   str               why, for invalid rows ("" otherwise)
     image_ids (N,)  int64, paths (N,) str (relative to the image folder)
+    file_size, mtime_ns (N,) int64, sha256 (N,) S64   each image file as it was read (changes.py): a rerun
+                                      recomputes only the chunks whose images changed since
+    The numeric datasets carry HDF5's fletcher32 checksum: a damaged file fails its read.
     attrs: the encoder spec, preprocessing, dtype, library versions, manifest fingerprint.
 
 Crash safety: work is done in fixed chunks of rows; each finished chunk is written atomically as
@@ -33,11 +36,19 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.core import distributed
-from pipeline.core.cache import FEATURES_NAME, EncoderSpec, describe_difference, read_features_attrs
+from pipeline.core.cache import (
+    FEATURES_NAME,
+    EncoderSpec,
+    checksummed,
+    describe_difference,
+    read_features_attrs,
+    reading,
+)
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path, sha256_json, write_json
 from pipeline.core.manifest import Manifest, load_manifest
 from pipeline.core.runtime import autocast, choose_device, default_workers
+from pipeline.extract.changes import STAT_KEYS, changed_rows, image_stats, read_stats
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.encoder import build_encoder, make_spec
 from pipeline.extract.images import ImageFiles, Preprocess, collate
@@ -53,16 +64,22 @@ class ExtractSummary:
     seconds: float = 0.0
     up_to_date: bool = False
     path: str = ""
+    changed: int = 0  # images whose file changed since extraction, redone now (see changes.py)
+    retried: int = 0  # images that had failed, redone now (their file changed, or --retry-failed)
+    note: str = ""
 
     @property
     def images_per_second(self) -> float:
         return self.computed / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
+        note = f" ({self.note})" if self.note else ""
         if self.up_to_date:
-            return f"{self.path} is up to date ({self.images} images, {len(self.failures)} failures): nothing to do"
-        return (f"extracted {self.images} images ({self.computed} computed now), {len(self.failures)} failures, "
-                f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s -> {self.path}")
+            return f"{self.path} is up to date ({self.images} images, {len(self.failures)} failures): nothing to do{note}"
+        redone = (f"; redid the chunks of {self.changed} changed and {self.retried} previously failed image(s)"
+                  if self.changed or self.retried else "")
+        return (f"extracted {self.images} images ({self.computed} computed now{redone}), {len(self.failures)} failures, "
+                f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s -> {self.path}{note}")
 
 
 def cache_settings(spec: EncoderSpec, preprocess: Preprocess, dtype: str, manifest: Manifest) -> dict:
@@ -77,7 +94,8 @@ def settings_of(attrs: dict) -> dict | None:
 
 
 def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = None,
-            out: str | os.PathLike | None = None, force: bool = False, progress: bool = True) -> ExtractSummary:
+            out: str | os.PathLike | None = None, force: bool = False, progress: bool = True,
+            retry_failed: bool = False) -> ExtractSummary:
     """Extract features for every image in `cache_dir/manifest.json` into `out` (default cache_dir/features.h5).
 
     `cfg` says which encoder, preprocessing and storage type (ExtractConfig's defaults: resnet152 with
@@ -85,6 +103,9 @@ def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = 
     computed now, the failures (path, reason). Refuses (PipelineError) a bad setting, a missing
     manifest, and an existing cache or unfinished extraction made with other settings (unless `force`).
     An up-to-date cache is reported, not recomputed; an interrupted run continues where it stopped.
+    An existing cache is checked against the image files (size and mtime, or with `cfg.verify == "hash"`
+    their sha256; see changes.py): only the chunks holding changed images are recomputed, and with
+    `retry_failed` also those holding images that failed before. The result equals a from-scratch run.
 
     Under torchrun (see `pipeline.core.distributed`): rank 0 alone checks the settings and the existing
     cache, prepares the parts folder and lists the chunks still to do; the ranks split that list
@@ -111,9 +132,17 @@ def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = 
         if out.exists() and not force:
             old = settings_of(read_features_attrs(out))
             if old == settings:
-                if parts_dir.exists():
-                    shutil.rmtree(parts_dir, ignore_errors=True)  # left by a run killed after its final rename
-                return None, _summary_from_file(out, up_to_date=True)
+                verify_features_file(out, f"pipeline extract --cache-dir {cache_dir} --force")
+                redo = _rows_to_redo(out, manifest, cfg.verify, retry_failed, job)
+                if redo is None or not redo.any():
+                    if parts_dir.exists():
+                        shutil.rmtree(parts_dir, ignore_errors=True)  # left by a run killed after its final rename
+                    summary = _summary_from_file(out, up_to_date=True)
+                    summary.note = job.get("note", "")
+                    return None, summary
+                _prepare_parts_dir(parts_dir, settings, chunk_size)
+                return _seed_parts(out, parts_dir, _chunks(len(manifest.images), chunk_size), redo, job["now"],
+                                   cfg.verify), None
             raise PipelineError(f"{out} was made with other settings ({describe_difference(old or {}, settings)}). "
                                 f"It is never reused or mixed: rerun with --force to rebuild it, or use --out for a second cache")
         if force:
@@ -138,7 +167,7 @@ def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = 
     if mine:
         computed = _compute(manifest, spec, preprocess, mine, parts_dir, dtype, dev, batch_size,
                             default_workers(dev) if cfg.workers is None else cfg.workers, cfg.amp,
-                            progress and dist.is_main)
+                            progress and dist.is_main, cfg.verify)
     seconds = time.perf_counter() - started
     done = dist.all_gather((computed, seconds))  # also the barrier: every part is written before rank 0 joins them
 
@@ -150,7 +179,9 @@ def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = 
                                 f"several machines the cache folder must be on a filesystem they all share. "
                                 f"Rerun the same command to compute them")
         _assemble(out, parts_dir, chunks, manifest, spec, preprocess, settings, dtype)
-        return _summary_from_file(out, up_to_date=False)
+        summary = _summary_from_file(out, up_to_date=False)
+        summary.changed, summary.retried = job.get("changed", 0), job.get("retried", 0)
+        return summary
 
     summary = dist.decide(assemble)
     summary.computed, summary.seconds = sum(c for c, _ in done), max(s for _, s in done)
@@ -189,11 +220,67 @@ def _part_ok(parts_dir: Path, chunk: tuple[int, int, int]) -> bool:
     try:
         with np.load(path, allow_pickle=False) as z:
             ok = z["features"].shape[0] == e - s and z["valid"].shape[0] == e - s
-    except Exception:  # noqa: BLE001 - any damage means: compute it again
+        with np.load(_stats_path(parts_dir, k), allow_pickle=False) as z:  # written just before the part
+            ok = ok and z["file_size"].shape[0] == e - s
+    except Exception:  # noqa: BLE001 - any damage (or a part without its image records) means: compute it again
         ok = False
     if not ok:
         path.unlink(missing_ok=True)
     return ok
+
+
+def _stats_path(parts_dir: Path, k: int) -> Path:
+    return parts_dir / f"stats-{k:06d}.npz"
+
+
+def _write_stats(parts_dir: Path, k: int, stats: dict[str, np.ndarray]) -> None:
+    """The image records (changes.py) of chunk k, written before its part: a part never lacks them."""
+    with atomic_path(_stats_path(parts_dir, k)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **stats)
+
+
+def _rows_to_redo(out: Path, manifest: Manifest, verify: str, retry_failed: bool, job: dict) -> np.ndarray | None:
+    """(N,) bool: rows of the existing, settings-matching `out` to compute again, because their image file
+    changed or (with `retry_failed`) they failed before; None when `out` has no image records (made before
+    they existed). Stats every image (and hashes it with verify=hash); counts and notes go into `job`."""
+    with h5py.File(out, "r") as f:
+        old = read_stats(f)
+        valid = f["valid"][:]
+    if old is None:
+        job["note"] = ("made before per-image records: changed or repaired pictures are not detected; rerun with "
+                       "--force to rebuild it with them")
+        return None
+    job["now"] = now = image_stats([manifest.path_of(i) for i in range(len(manifest.images))], verify == "hash")
+    changed = changed_rows(old, now, verify)
+    redo = changed | (~valid if retry_failed else np.zeros_like(changed))
+    job["changed"], job["retried"] = int((redo & valid).sum()), int((redo & ~valid).sum())
+    if (~valid).any() and not retry_failed and not redo.any():
+        job["note"] = "--retry-failed redoes the failed images"
+    return redo
+
+
+def _seed_parts(out: Path, parts_dir: Path, chunks: list, redo: np.ndarray, now: dict, verify: str) -> list:
+    """Fill the parts folder from `out` for every chunk without a row to redo; return the chunks to compute.
+
+    A chunk to redo keeps a part left by an interrupted earlier update only if that part's image records
+    still match the files now. Assembling then gives the file a from-scratch run would write."""
+    pending = []
+    with h5py.File(out, "r") as f:
+        for k, s, e in chunks:
+            if redo[s:e].any():
+                fresh = _part_ok(parts_dir, (k, s, e))
+                if fresh:
+                    with np.load(_stats_path(parts_dir, k), allow_pickle=False) as z:
+                        fresh = not changed_rows({key: z[key] for key in STAT_KEYS},
+                                                 {key: v[s:e] for key, v in now.items()}, verify).any()
+                if not fresh:
+                    _part_path(parts_dir, k).unlink(missing_ok=True)
+                    pending.append((k, s, e))
+            elif not _part_ok(parts_dir, (k, s, e)):
+                _write_stats(parts_dir, k, {key: f[key][s:e].astype(f[key].dtype.str) for key in STAT_KEYS})
+                _write_part(parts_dir, k, f["features"][s:e], list(f["errors"].asstr()[s:e]))
+    return pending
 
 
 def encode_images(encoder: torch.nn.Module, paths: list[str], preprocess: Preprocess, batches: list[list[int]],
@@ -227,11 +314,14 @@ def load_encoder(spec: EncoderSpec, device: torch.device, weights_file=None) -> 
 
 
 def _compute(manifest: Manifest, spec: EncoderSpec, preprocess: Preprocess, pending: list, parts_dir: Path,
-             dtype: str, dev: torch.device, batch_size: int, workers: int, amp: str, progress: bool) -> int:
+             dtype: str, dev: torch.device, batch_size: int, workers: int, amp: str, progress: bool,
+             verify: str = "stat") -> int:
     encoder = load_encoder(spec, dev)
     # Batches are cut inside each chunk, so resuming reproduces the uninterrupted run's batches.
     batches = [list(range(b, min(b + batch_size, e))) for _, s, e in pending for b in range(s, e, batch_size)]
     paths = [manifest.path_of(i) for i in range(len(manifest.images))]
+    # What each image file is before the loader reads it: a file changed after this is caught next run.
+    stats = {k: image_stats(paths[s:e], verify == "hash") for k, s, e in pending}
     total = sum(e - s for _, s, e in pending)
     bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, dynamic_ncols=True,
                file=sys.stderr, smoothing=0.1)
@@ -240,11 +330,13 @@ def _compute(manifest: Manifest, spec: EncoderSpec, preprocess: Preprocess, pend
     k, s, e = next(chunks)
     feats, errors = np.zeros((e - s, spec.feature_dim), dtype=np_dtype), [""] * (e - s)
     for rows, out, errs in encode_images(encoder, paths, preprocess, batches, dev, workers, amp):
+        check_storable(out, dtype, spec.arch, [paths[r] for r in rows])
         feats[rows - s] = out.astype(np_dtype)
         for j, err in zip(rows - s, errs):
             errors[j] = err
         bar.update(len(rows))
         if rows[-1] == e - 1:  # chunk finished: make it durable before moving on
+            _write_stats(parts_dir, k, stats[k])
             _write_part(parts_dir, k, feats, errors)
             nxt = next(chunks, None)
             if nxt is None:
@@ -270,16 +362,21 @@ def _assemble(out: Path, parts_dir: Path, chunks: list, manifest: Manifest, spec
     with atomic_path(out) as tmp:
         with h5py.File(tmp, "w", track_order=False) as f:
             ds = f.create_dataset("features", shape=(n, d), dtype=dtype, chunks=(min(max(n, 1), 256), d),
-                                  track_times=False)
-            valid = f.create_dataset("valid", shape=(n,), dtype=bool, track_times=False)
+                                  track_times=False, **checksummed(n))
+            valid = f.create_dataset("valid", shape=(n,), dtype=bool, track_times=False, **checksummed(n))
             errors = f.create_dataset("errors", shape=(n,), dtype=str_dt, track_times=False)
+            records = {key: f.create_dataset(key, shape=(n,), dtype="S64" if key == "sha256" else np.int64,
+                                             track_times=False, **checksummed(n)) for key in STAT_KEYS}
             for k, s, e in chunks:
                 with np.load(_part_path(parts_dir, k), allow_pickle=False) as z:
                     ds[s:e] = z["features"]
                     valid[s:e] = z["valid"]
                     errors[s:e] = z["errors"].astype(object)
+                with np.load(_stats_path(parts_dir, k), allow_pickle=False) as z:
+                    for key, dset in records.items():
+                        dset[s:e] = z[key]
             f.create_dataset("image_ids", data=np.array([r.id for r in manifest.images], dtype=np.int64),
-                             track_times=False)
+                             track_times=False, **checksummed(n))
             f.create_dataset("paths", data=np.array([r.file for r in manifest.images], dtype=object),
                              dtype=str_dt, track_times=False)
             attrs = {**spec.as_dict(), "preprocess": json.dumps(preprocess.describe()), "dtype": dtype,
@@ -291,6 +388,39 @@ def _assemble(out: Path, parts_dir: Path, chunks: list, manifest: Manifest, spec
             for key, value in attrs.items():
                 f.attrs[key] = value if isinstance(value, (int, float)) else str(value)
     shutil.rmtree(parts_dir, ignore_errors=True)
+
+
+def check_storable(feats: np.ndarray, dtype: str, arch: str, paths: list[str]) -> None:
+    """Refuse features (B, D) float32 that are non-finite, or that `dtype` would store as inf.
+
+    Random-init resnet101/152 reach 2e5 and 4e8, beyond float16's 65504: stored silently, they turn
+    into inf and the decoder's standardization makes every feature NaN."""
+    rows_ok = np.isfinite(feats).all(axis=1)  # (B,)
+    if not rows_ok.all():
+        raise PipelineError(f"{arch} produced non-finite features (inf/NaN) for {paths[int(np.argmin(rows_ok))]}: "
+                            f"the encoder weights are broken; check --weights")
+    limit = float(np.finfo(NP_DTYPES[dtype]).max)
+    peaks = np.abs(feats).max(axis=1) if feats.size else np.zeros(len(feats))  # (B,)
+    if (peaks > limit).any():
+        j = int(np.argmax(peaks))
+        raise PipelineError(f"{arch} features reach {peaks[j]:.3g} (e.g. {paths[j]}), beyond {dtype}'s largest value "
+                            f"{limit:.6g}, so they would be stored as inf: rerun with --dtype float32 --force")
+
+
+def verify_features_file(path: Path, rebuild: str) -> None:
+    """Read `path` through once, block by block: HDF5 verifies each chunk's checksum (files written since
+    checksums were added) and every valid row must be finite. Cheap next to extraction (~1 s per GB),
+    so an "up to date" answer is never given for a damaged file."""
+    with reading(path, rebuild), h5py.File(path, "r") as f:
+        feats, valid = f["features"], f["valid"][:]
+        f["image_ids"][:]
+        step = max(1, (feats.chunks or (4096,))[0])
+        for s in range(0, feats.shape[0], step):
+            block = feats[s:s + step]  # (b, D)
+            bad = ~np.isfinite(block).all(axis=1) & valid[s:s + step]
+            if bad.any():
+                raise PipelineError(f"{path} holds non-finite features (inf/NaN) at row {s + int(np.argmax(bad))}: "
+                                    f"rebuild it with `{rebuild} --dtype float32`")
 
 
 def _version(module: str) -> str:

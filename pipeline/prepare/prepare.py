@@ -8,6 +8,7 @@ labels.h5 holds every caption as word ids, so training never tokenizes text agai
     image_ids      (N,)            int64  manifest image ids, in manifest row order
     image_split    (N,)            uint8  0 train, 1 val, 2 test
     attrs: splits=["train","val","test"], max_length, vocab_size, vocab_fingerprint, manifest_fingerprint
+Every dataset carries HDF5's fletcher32 checksum, so a damaged file fails its read (see core/cache.py).
 
 Caption rows follow the manifest: image 0's captions in order, then image 1's, ... The manifest holds
 exactly the captions that have a label row (captions that tokenize to nothing are dropped from both), so
@@ -27,7 +28,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.core.cache import LABELS_NAME
+from pipeline.core.cache import LABELS_NAME, checksummed
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path
 from pipeline.core.manifest import MANIFEST_NAME, SPLITS
@@ -135,11 +136,11 @@ def prepare(cfg: PrepareConfig, out_dir: str | os.PathLike = "cache") -> Prepare
     vocab.save(out / VOCAB_NAME)
     with atomic_path(out / LABELS_NAME) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("labels", data=labels)
-            f.create_dataset("lengths", data=lengths)
-            f.create_dataset("caption_image", data=caption_image)
-            f.create_dataset("image_ids", data=image_ids)
-            f.create_dataset("image_split", data=image_split)
+            f.create_dataset("labels", data=labels, **checksummed(n_captions))
+            f.create_dataset("lengths", data=lengths, **checksummed(n_captions))
+            f.create_dataset("caption_image", data=caption_image, **checksummed(n_captions))
+            f.create_dataset("image_ids", data=image_ids, **checksummed(len(image_ids)))
+            f.create_dataset("image_split", data=image_split, **checksummed(len(image_ids)))
             f.attrs["splits"] = list(SPLITS)
             f.attrs["max_length"] = max_length
             f.attrs["vocab_size"] = len(vocab)

@@ -138,13 +138,28 @@ class Trainer:
         with self.net.no_sync() if local else contextlib.nullcontext():
             self.scaler.scale(scaled / self.cfg.accumulate).backward()
         if update:
-            if self.cfg.clip > 0:
-                self.scaler.unscale_(self.opt)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+            self.scaler.unscale_(self.opt)
+            # max_norm=inf measures without clipping; the norm is the all-reduced one, so every rank agrees
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip if self.cfg.clip > 0 else math.inf)
+            self.check_finite(loss, norm)
             self.scaler.step(self.opt)
             self.scaler.update()
             self.opt.zero_grad(set_to_none=True)
         return loss.detach()
+
+
+    def check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Stop before a non-finite loss or gradient reaches the weights (one device sync per update).
+
+        With float16 autocast the GradScaler expects occasional inf gradients and skips those steps
+        itself, so there only the loss decides."""
+        scaled = self.scaler.is_enabled()
+        bad = ~torch.isfinite(loss) if scaled else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if bool(bad):
+            self.opt.zero_grad(set_to_none=True)
+            raise PipelineError(f"training diverged: loss {float(loss.detach()):.4g}, gradient norm {float(grad_norm):.4g} "
+                                f"(non-finite); no checkpoint is written for it. Check the features "
+                                f"(`pipeline extract --force`) or lower --lr / set --clip")
 
 
 def caption_loss(net, features: torch.Tensor, words: torch.Tensor, n: torch.Tensor, start_id: int, end_id: int,
@@ -399,6 +414,10 @@ def end_of_epoch(run: Run, state: TrainState, epoch: int) -> bool:
 
 def save(run: Run, state: TrainState, path: Path) -> None:
     """A checkpoint of the decoder, optimizer, state and RNG: everything to resume, evaluate or caption."""
+    bad = [k for k, v in run.trainer.model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise PipelineError(f"refusing to write {path}: the decoder holds non-finite values ({', '.join(bad[:3])}); "
+                            f"training diverged, check the features or lower --lr")
     rng = {"torch": torch.get_rng_state()}
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
