@@ -51,8 +51,9 @@ def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, log=
     paths = expand_inputs(images)[:limit] if limit else expand_inputs(images)
     dev = choose_device(cfg.device)
     workers = default_workers(dev) if cfg.workers is None else cfg.workers
-    arch, weights, batch_size, crop, amp = cfg.arch, cfg.weights, cfg.batch_size, cfg.crop, cfg.amp
-    spec = make_spec(arch, weights, cfg.resize, crop)
+    arch, weights, batch_size, amp = cfg.arch, cfg.weights, cfg.batch_size, cfg.amp
+    spec = make_spec(arch, weights, cfg.resize, cfg.crop, cfg.interpolation, cfg.draft)
+    crop = spec.crop  # the weights' recipe unless cfg overrides it
     log(f"bench extract: {len(paths)} images, {arch} weights={weights}, batch {batch_size}, {workers} workers, "
         f"device {dev}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:

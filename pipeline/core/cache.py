@@ -47,6 +47,8 @@ class EncoderSpec:
     resize: int
     crop: int
     feature_dim: int
+    interpolation: str = "bilinear"  # PIL resampling filter of the resize (the weights' recipe unless overridden)
+    draft: bool = True  # JPEGs decoded at a reduced scale (libjpeg draft) when that still covers `resize`
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +63,13 @@ class EncoderSpec:
     def from_dict(cls, d: dict) -> EncoderSpec:
         return cls(arch=str(d["arch"]), weights=str(d["weights"]), weights_sha256=str(d.get("weights_sha256", "")),
                    weights_path=str(d.get("weights_path", "")), resize=int(d["resize"]), crop=int(d["crop"]),
-                   feature_dim=int(d["feature_dim"]))
+                   feature_dim=int(d["feature_dim"]), interpolation=str(d.get("interpolation", "bilinear")),
+                   draft=_as_bool(d.get("draft", True)))
+
+
+def _as_bool(value) -> bool:
+    """HDF5 attributes store booleans as numpy bools or strings ("True")."""
+    return value if isinstance(value, bool) else str(value).lower() in ("true", "1")
 
 
 def read_features_attrs(path: str | os.PathLike) -> dict:

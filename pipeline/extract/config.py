@@ -11,6 +11,7 @@ from pipeline.extract.changes import VERIFY_CHOICES
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 DTYPES = ("float16", "float32")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 @dataclass
@@ -18,10 +19,18 @@ class ExtractConfig(Settings):
     SECTION: ClassVar[str] = "extract"
 
     arch: str = setting("resnet152", "Frozen ImageNet ResNet.", choices=ARCHS)
-    weights: str = setting("imagenet", "'imagenet' (torchvision's IMAGENET1K weights, downloaded once into its "
-                           "cache), a path to a local state-dict file, or 'none' (seeded random init, offline).")
-    resize: int = setting(256, "Resize the shorter side to this many pixels...", min=1)
-    crop: int = setting(224, "...then center-crop a square this size.", min=1)
+    weights: str = setting("imagenet", "'imagenet' (torchvision's default ImageNet weights for the arch, downloaded "
+                           "once into its cache; or name them: IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT), a path to a "
+                           "local state-dict file, or 'none' (seeded random init, offline).")
+    resize: int | None = setting(None, "Resize the shorter side to this many pixels [default: the weights' recipe: "
+                                 "torchvision's transforms of the chosen weights, e.g. 232 for resnet50-152's "
+                                 "IMAGENET1K_V2; 256 for none or a file].", min=1)
+    crop: int | None = setting(None, "...then center-crop a square this size [default: the weights' recipe, 224].",
+                               min=1)
+    interpolation: str | None = setting(None, "Resize filter [default: the weights' recipe, bilinear].",
+                                        choices=INTERPOLATIONS)
+    draft: bool = setting(True, "Decode big JPEGs at 1/2, 1/4 or 1/8 scale when that still covers the resize "
+                          "(much faster; pixels differ slightly from a full decode, see README).")
     verify: str = setting("stat", "How a rerun notices pictures changed since extraction (their chunks are redone): "
                           "'stat' (file size and modification time, cheap) or 'hash' (also the sha256 of "
                           "every file: reads them all).", choices=VERIFY_CHOICES)

@@ -47,25 +47,57 @@ def resolve_weights(arch: str, weights: str) -> tuple[str, str, str]:
     """The user's --weights value -> (description, sha256, path) without loading anything."""
     if weights == "none":
         return f"none:seed={RANDOM_INIT_SEED}", "", ""
-    if weights == "imagenet":
-        import torchvision  # here, not at the top: importing it costs ~2 s that train and evaluate never need
-
-        enum = torchvision.models.get_model_weights(arch).DEFAULT
+    enum = torchvision_weights(arch, weights)
+    if enum is not None:
         return f"imagenet:{enum}", "", ""
     path = Path(weights)
     if not path.is_file():
-        raise PipelineError(f"--weights {weights!r}: no such file. Use 'imagenet', 'none', or a path to a "
+        raise PipelineError(f"--weights {weights!r}: no such file. Use 'imagenet' (or IMAGENET1K_V1, IMAGENET1K_V2, "
+                            f"DEFAULT), 'none', or a path to a "
                             f"{arch} state-dict file")
     return f"file:{path.name}", sha256_file(path), str(path.resolve())
 
 
-def make_spec(arch: str, weights: str, resize: int = 256, crop: int = 224) -> EncoderSpec:
+def torchvision_weights(arch: str, weights: str):
+    """torchvision's weights enum that `weights` names ('imagenet' and 'DEFAULT': the arch's default, or
+    'IMAGENET1K_V1', 'IMAGENET1K_V2', any case), or None when it names none of them. Nothing is downloaded."""
+    name = weights.upper()
+    if name != "IMAGENET" and name != "DEFAULT" and not name.startswith("IMAGENET1K"):
+        return None
+    import torchvision  # here, not at the top: importing it costs ~2 s that train and evaluate never need
+
+    enum = torchvision.models.get_model_weights(arch)
+    if name in ("IMAGENET", "DEFAULT"):
+        return enum.DEFAULT
+    if name not in enum.__members__:
+        names = [n for n in enum.__members__ if n != "DEFAULT"]
+        raise PipelineError(f"--weights {weights!r}: {arch} has torchvision weights {', '.join(names)} "
+                            f"(or 'imagenet' / 'DEFAULT' for {enum.DEFAULT.name})")
+    return enum[name]
+
+
+def weights_recipe(arch: str, weights: str) -> tuple[int, int, str]:
+    """(resize, crop, interpolation) of the evaluation transforms the weights were made for: torchvision's
+    own (`weights.transforms()`, e.g. 232/224 bilinear for resnet50-152's IMAGENET1K_V2), else the classic
+    ImageNet 256/224 bilinear (random init, a local state-dict file)."""
+    enum = torchvision_weights(arch, weights)
+    if enum is None:
+        return 256, 224, "bilinear"
+    t = enum.transforms()
+    return int(t.resize_size[0]), int(t.crop_size[0]), t.interpolation.value
+
+
+def make_spec(arch: str, weights: str, resize: int | None = None, crop: int | None = None,
+              interpolation: str | None = None, draft: bool = True) -> EncoderSpec:
+    """The EncoderSpec of these settings: resize, crop and interpolation left None follow the weights' recipe."""
     if arch not in FEATURE_DIMS:
         raise PipelineError(f"unknown --arch {arch!r}: choose one of {', '.join(FEATURE_DIMS)}")
+    desc, sha, path = resolve_weights(arch, weights)
+    r, c, i = weights_recipe(arch, weights)
+    resize, crop, interpolation = resize or r, crop or c, interpolation or i
     if crop <= 0 or resize < crop:
         raise PipelineError(f"bad preprocessing sizes resize={resize}, crop={crop}: need resize >= crop > 0")
-    desc, sha, path = resolve_weights(arch, weights)
-    return EncoderSpec(arch, desc, sha, path, resize, crop, FEATURE_DIMS[arch])
+    return EncoderSpec(arch, desc, sha, path, resize, crop, FEATURE_DIMS[arch], interpolation, draft)
 
 
 def build_encoder(spec: EncoderSpec, weights_file: str | os.PathLike | None = None) -> Encoder:

@@ -99,7 +99,7 @@ def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = 
     """Extract features for every image in `cache_dir/manifest.json` into `out` (default cache_dir/features.h5).
 
     `cfg` says which encoder, preprocessing and storage type (ExtractConfig's defaults: resnet152 with
-    torchvision's ImageNet weights, 256/224, float16). Returns an ExtractSummary: images, how many were
+    torchvision's default ImageNet weights and their own preprocessing recipe, 232/224 bilinear, float16). Returns an ExtractSummary: images, how many were
     computed now, the failures (path, reason). Refuses (PipelineError) a bad setting, a missing
     manifest, and an existing cache or unfinished extraction made with other settings (unless `force`).
     An up-to-date cache is reported, not recomputed; an interrupted run continues where it stopped.
@@ -127,7 +127,7 @@ def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = 
     def plan():
         """Rank 0: refuse, report up to date, or list the chunks that have no finished part yet."""
         job["manifest"] = manifest = load_manifest(cache_dir)
-        job["spec"] = spec = make_spec(arch, weights, resize, crop)
+        job["spec"] = spec = make_spec(arch, weights, resize, crop, cfg.interpolation, cfg.draft)
         settings = cache_settings(spec, Preprocess.of(spec), dtype, manifest)
         if out.exists() and not force:
             old = settings_of(read_features_attrs(out))
@@ -155,7 +155,7 @@ def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = 
         return up_to_date
     if not job:  # the other ranks: rank 0 has checked these already
         job["manifest"] = load_manifest(cache_dir)
-        job["spec"] = make_spec(arch, weights, resize, crop)
+        job["spec"] = make_spec(arch, weights, resize, crop, cfg.interpolation, cfg.draft)
     manifest, spec = job["manifest"], job["spec"]
     preprocess = Preprocess.of(spec)
     settings = cache_settings(spec, preprocess, dtype, manifest)

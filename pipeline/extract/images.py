@@ -30,16 +30,19 @@ class Preprocess:
     crop: int = 224
     max_pixels: int = DEFAULT_MAX_PIXELS
     interpolation: str = "bilinear"  # a PIL resampling filter's name; `to_tensor` resizes with exactly this one
+    draft: bool = True  # let libjpeg decode big JPEGs at a reduced scale (see `load`)
 
     @classmethod
     def of(cls, spec) -> Preprocess:
         """The preprocessing an EncoderSpec records."""
-        return cls(resize=spec.resize, crop=spec.crop)
+        return cls(resize=spec.resize, crop=spec.crop, interpolation=spec.interpolation, draft=spec.draft)
 
     def describe(self) -> dict:
-        """What the cache records about its preprocessing: this object's own fields, so it cannot drift."""
+        """What the cache records about its preprocessing: this object's own fields, so it cannot drift.
+        `geometry` names the resize/crop arithmetic (torchvision's), which decides the pixels as much."""
         return {"resize": self.resize, "crop": self.crop, "mean": list(IMAGENET_MEAN),
-                "std": list(IMAGENET_STD), "interpolation": self.interpolation, "max_pixels": self.max_pixels}
+                "std": list(IMAGENET_STD), "interpolation": self.interpolation, "max_pixels": self.max_pixels,
+                "draft": self.draft, "geometry": "torchvision"}
 
     def load(self, path: str) -> Image.Image:
         """Decode `path` to an RGB PIL image, upright (EXIF), at the smallest size that still covers `resize`."""
@@ -53,22 +56,32 @@ class Preprocess:
             w, h = img.size
             if w * h > self.max_pixels:
                 raise ValueError(f"image too large ({w}x{h} pixels, limit {self.max_pixels})")
-            if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            source = img.size
+            if self.draft and img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result still covers `resize`:
-                # the shorter side stays >= resize, so the final crop is unchanged in content.
+                # the shorter side stays >= resize, so the crop shows the same part of the picture (the
+                # pixels differ a little from a full decode: see README, "draft").
                 img.draft("RGB", (self.resize, self.resize))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap width/height
+            img = to_rgb(ImageOps.exif_transpose(img))
+            if img.size != (source[1] if turned else source[0], source[0] if turned else source[1]):
+                # drafted: `to_tensor` takes the resize and crop geometry from the full-size picture
+                img.info["source_size"] = (source[1], source[0]) if turned else source
+            return img
 
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> uint8 tensor (3, crop, crop)."""
-        w, h = img.size
-        scale = self.resize / min(w, h)
-        nw, nh = max(self.crop, round(w * scale)), max(self.crop, round(h * scale))
-        if (nw, nh) != (w, h):
+        """RGB PIL image -> uint8 tensor (3, crop, crop), pixel-identical to torchvision's
+        Resize(resize, interpolation, antialias=True) + CenterCrop(crop) on the same PIL image: the long
+        side is floor(resize * long / short), the crop offset round((size - crop) / 2).
+        A drafted image (see `load`) is resized to the size its full-size source would get."""
+        w, h = img.info.get("source_size", img.size)
+        short, long = min(w, h), max(w, h)
+        new_long = int(self.resize * long / short)  # as torchvision computes it (floor)
+        nw, nh = (self.resize, new_long) if w <= h else (new_long, self.resize)
+        if (nw, nh) != img.size:
             img = img.resize((nw, nh), Image.Resampling[self.interpolation.upper()])
-        left, top = (nw - self.crop) // 2, (nh - self.crop) // 2
+        top, left = int(round((nh - self.crop) / 2.0)), int(round((nw - self.crop) / 2.0))
         img = img.crop((left, top, left + self.crop, top + self.crop))
         arr = np.asarray(img, dtype=np.uint8)  # (crop, crop, 3)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, crop, crop)
