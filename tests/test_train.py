@@ -19,6 +19,8 @@ from pipeline.decoder.checkpoint import load_checkpoint
 from pipeline.decoder.data import length_grouped_batches, load_cache
 from pipeline.decoder.decode import beam_search, greedy_decode
 from pipeline.decoder.model import CaptionDecoder, ModelConfig, ModelSettings, packed_targets, teacher_forcing
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.evaluate.evaluate import evaluate
 from pipeline.train.config import TrainConfig
 from pipeline.train.train import train
 
@@ -263,3 +265,45 @@ def test_cli_end_to_end(coco_dataset, tmp_path, monkeypatch):
     assert page.count("<img ") == 6 and "data:image/jpeg;base64," in page
     r = cli.invoke(main, ["caption", "nothing-here/*.jpg"])
     assert r.exit_code == 1 and "Error:" in r.output
+
+
+def test_evaluate_says_which_images_it_left_out(coco_dataset, prepared_cache, tmp_path):
+    """Undecodable images and --max-images cut are counted in the summary and the metrics, not dropped silently."""
+    [victim] = Path(coco_dataset["images"][1]).glob("COCO_val2014_000000000632.*")
+    victim.write_bytes(b"\xff\xd8\xff garbage")
+    extract(prepared_cache, **SMALL)
+    run(prepared_cache, tmp_path, epochs=1)
+    out = tmp_path / "x" / "eval.json"
+    s = run_evaluate(tmp_path / "ckpt" / "best.pt", prepared_cache, split="val", out=out, tokenizer="simple",
+                     max_images=3)
+    metrics = json.loads(out.read_text())
+    assert (s.images, s.split_images) == (3, 6) and metrics["split_images"] == 6
+    assert metrics["left_out"] == {"undecodable": 1, "max_images": 2}
+    assert s.table().splitlines()[0].startswith("val: 3 of 6 images")
+    assert "1 could not be decoded at extraction, 2 beyond --max-images" in s.table()
+    # outputs go where asked: the captions file beside --out, not in X/../results
+    assert s.results_path == str(tmp_path / "x" / "captions_val.json") and Path(s.results_path).exists()
+    assert not (tmp_path / "results").exists()
+
+
+def test_evaluate_refuses_images_the_checkpoint_was_trained_on(cache, tmp_path):
+    run(cache, tmp_path, epochs=1)
+    best = tmp_path / "ckpt" / "best.pt"
+    record = load_checkpoint(best)["train_images"]
+    assert record["count"] == 12 and record["ids"].dtype == torch.int64 and record["ids"].tolist() == sorted(
+        [9, 25, 30, 34, 36, 42, 49, 61, 64, 71, 72, 77])
+    with pytest.raises(PipelineError, match=r"^12 of the 12 images of split 'train' were in .*--allow-overlap"):
+        run_evaluate(best, cache, split="train", out=tmp_path / "e.json", tokenizer="simple")
+    s = evaluate(best, cache, EvaluateConfig(split="train", tokenizer="simple"), out=tmp_path / "e.json",
+                 allow_overlap=True)
+    assert any("12 of the 12 scored images were in the checkpoint's training set" in n for n in s.notes)
+    r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(best), "--cache-dir", str(cache), "--split", "train",
+                                  "--tokenizer", "simple", "--out", str(tmp_path / "e2.json")])
+    assert r.exit_code == 1 and r.output.startswith("Error: 12 of the 12 images") and "Traceback" not in r.output
+    # a checkpoint from before training images were recorded: evaluate says it cannot check, and goes on
+    old = torch.load(best, weights_only=True)
+    del old["train_images"]
+    torch.save(old, tmp_path / "old.pt")
+    s = run_evaluate(tmp_path / "old.pt", cache, split="val", out=tmp_path / "e3.json", tokenizer="simple")
+    assert any("does not record its training images" in n for n in s.notes)
+    assert any("not checked" in n for n in json.loads((tmp_path / "e3.json").read_text())["notes"])

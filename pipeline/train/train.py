@@ -53,6 +53,7 @@ from pipeline.decoder.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.decoder.data import CaptionData, length_grouped_batches, load_cache
 from pipeline.decoder.decode import decode
 from pipeline.decoder.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
+from pipeline.decoder.overlap import RECORD_KEY, training_images_record
 from pipeline.train.config import TrainConfig
 from pipeline.train.plots import plot_training
 
@@ -407,7 +408,8 @@ def save(run: Run, state: TrainState, path: Path) -> None:
                            "model_config": run.model_cfg.as_dict(), "train_config": asdict(run.cfg),
                            "vocab": list(data.vocab.tokens), "encoder": data.encoder.as_dict(),
                            "cache": {k: v for k, v in data.fingerprints.items() if k != "features_settings"},
-                           "epoch": state.epoch, "step": state.step, "train_state": asdict(state), "rng": rng})
+                           "epoch": state.epoch, "step": state.step, "train_state": asdict(state), "rng": rng,
+                           RECORD_KEY: training_images_record(data)})
 
 
 def rank_seed(seed: int, epoch: int, rank: int) -> int:
