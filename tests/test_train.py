@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -307,3 +309,23 @@ def test_evaluate_refuses_images_the_checkpoint_was_trained_on(cache, tmp_path):
     s = run_evaluate(tmp_path / "old.pt", cache, split="val", out=tmp_path / "e3.json", tokenizer="simple")
     assert any("does not record its training images" in n for n in s.notes)
     assert any("not checked" in n for n in json.loads((tmp_path / "e3.json").read_text())["notes"])
+
+
+def test_demo_caption_step_writes_its_files_when_piped_to_head(cache, tmp_path):
+    """The Makefile's `pipeline caption ... --html X --json Y | head -n 8`: head leaves early, the files stay.
+
+    The lines are made longer in total than a pipe's buffer (64 KiB, long folder names), so caption is
+    still printing when head has gone, on every run."""
+    run(cache, tmp_path, epochs=1)
+    folder = tmp_path.joinpath(*(f"{'d' * 200}{k}" for k in range(5)))  # ~1 KiB paths
+    folder.mkdir(parents=True)
+    [source] = Path(json.loads((cache / "manifest.json").read_text())["image_dirs"][0]).glob("*000000000009.*")
+    for k in range(80):
+        shutil.copy(source, folder / f"img{k:03d}{source.suffix}")
+    html, js = tmp_path / "out" / "demo.html", tmp_path / "out" / "demo.json"
+    cmd = (f"'{sys.executable}' -m pipeline caption '{folder}' --checkpoint '{tmp_path / 'ckpt' / 'best.pt'}' "
+           f"--html '{html}' --json '{js}' | head -n 2; echo \"caption exit ${{PIPESTATUS[0]}}\" >&2")
+    p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=600)
+    assert len(p.stdout.splitlines()) == 2
+    assert html.exists() and js.exists() and len(json.loads(js.read_text())) == 80
+    assert "Traceback" not in p.stderr and "caption exit 0" in p.stderr, p.stderr
