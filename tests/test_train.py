@@ -329,3 +329,23 @@ def test_demo_caption_step_writes_its_files_when_piped_to_head(cache, tmp_path):
     assert len(p.stdout.splitlines()) == 2
     assert html.exists() and js.exists() and len(json.loads(js.read_text())) == 80
     assert "Traceback" not in p.stderr and "caption exit 0" in p.stderr, p.stderr
+
+
+def test_evaluation_only_dataset_prepared_with_a_checkpoints_vocabulary(cache, coco_dataset, tmp_path):
+    """COCO val alone (no train split) + `prepare --vocab CHECKPOINT`: evaluate and caption work on it, train refuses."""
+    run(cache, tmp_path, epochs=1)
+    best, other = tmp_path / "ckpt" / "best.pt", tmp_path / "valonly"
+    cli = CliRunner()
+    r = cli.invoke(main, ["prepare", "--dataset", "coco", "--annotations", str(coco_dataset["annotations"][1]),
+                          "--images", str(coco_dataset["images"][1]), "--vocab", str(best), "--out-dir", str(other)])
+    assert r.exit_code == 0, r.output
+    assert "train 0, val 6" in r.output and f"from {best}" in r.output
+    extract(other, **SMALL)
+    r = cli.invoke(main, ["evaluate", "--checkpoint", str(best), "--cache-dir", str(other), "--split", "val",
+                          "--tokenizer", "simple", "--out", str(tmp_path / "e" / "eval.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["images"] == 6
+    r = cli.invoke(main, ["caption", str(coco_dataset["images"][1]), "--checkpoint", str(best)])
+    assert r.exit_code == 0 and len([line for line in r.output.splitlines() if "\t" in line]) == 6
+    with pytest.raises(PipelineError, match="no training captions"):
+        run(other, tmp_path / "t", epochs=1)
