@@ -23,8 +23,9 @@ from pipeline.decoder.decode import beam_search, greedy_decode
 from pipeline.decoder.model import CaptionDecoder, ModelConfig, ModelSettings, packed_targets, teacher_forcing
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.evaluate import evaluate
+from pipeline.extract.config import ExtractConfig
 from pipeline.train.config import TrainConfig
-from pipeline.train.train import train
+from pipeline.train.train import Trainer, accumulation_group, global_batches, run_epoch, train
 
 SMALL = dict(arch="resnet18", weights="none", resize=72, crop=64, batch_size=8, workers=0)
 TINY_MODEL = dict(embed_size=32, hidden_size=48)
@@ -349,3 +350,101 @@ def test_evaluation_only_dataset_prepared_with_a_checkpoints_vocabulary(cache, c
     assert r.exit_code == 0 and len([line for line in r.output.splitlines() if "\t" in line]) == 6
     with pytest.raises(PipelineError, match="no training captions"):
         run(other, tmp_path / "t", epochs=1)
+
+
+# ------------------------------------------------------------------------ accumulation, batchnorm, DDP no_sync
+def test_accumulation_groups_of_an_epoch():
+    assert [accumulation_group(i, 6, 4) for i in range(6)] == [4, 4, 4, 4, 2, 2]
+    assert [accumulation_group(i, 4, 2) for i in range(4)] == [2, 2, 2, 2]
+    assert [accumulation_group(i, 3, 1) for i in range(3)] == [1, 1, 1]
+
+
+def _update_grads(data, batches, **kw) -> list[torch.Tensor]:
+    """The gradients each optimizer step of run_epoch sees, from a decoder seeded the same way every time."""
+    c = cfg(clip=0.0, **kw)
+    torch.manual_seed(0)
+    model = CaptionDecoder(ModelConfig.of(c, data.encoder.feature_dim, len(data.vocab)))
+    trainer = Trainer(model, c, torch.device("cpu"))
+    seen, step = [], trainer.opt.step
+
+    def record(*a, **k):
+        seen.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).clone())
+        return step(*a, **k)
+
+    trainer.opt.step = record
+    run_epoch(trainer, data, batches)
+    return seen
+
+
+def test_partial_accumulation_group_is_averaged_over_its_own_batches(cache):
+    """accumulate=4 over 2 batches: one update averaging 2 batches, the same gradient as accumulate=2."""
+    data = load_cache(cache)
+    batches = global_batches(data, data.caption_rows("train"), cfg(), epoch=0)[:2]
+    [partial] = _update_grads(data, batches, accumulate=4)
+    [whole] = _update_grads(data, batches, accumulate=2)
+    assert torch.allclose(partial, whole, rtol=1e-5, atol=1e-7)
+
+
+def test_batchnorm_survives_a_one_caption_batch(cache, tmp_path):
+    data = load_cache(cache)
+    n = len(data.caption_rows("train"))
+    s = run(cache, tmp_path, model={"batchnorm": True}, epochs=1, batch_size=n - 1)  # last batch: 1 caption
+    assert s.steps == 2
+    model = CaptionDecoder(ModelConfig.of(cfg(batchnorm=True), data.encoder.feature_dim, len(data.vocab))).train()
+    before = model.bn.running_mean.clone()
+    model.init_state(data.features[:1].float())  # (1, D): running statistics, left unchanged
+    assert torch.equal(model.bn.running_mean, before)
+
+
+def test_ddp_accumulation_steps_do_not_all_reduce(cache, tmp_path):
+    """Only the updating step of an accumulation group communicates: the forward pass is inside no_sync."""
+    import torch.distributed as tdist
+
+    data = load_cache(cache)
+    batches = global_batches(data, data.caption_rows("train"), cfg(), epoch=0)[:4]
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        calls = {}
+        for accumulate in (1, 4):
+            c = cfg(accumulate=accumulate)
+            torch.manual_seed(0)
+            trainer = Trainer(CaptionDecoder(ModelConfig.of(c, data.encoder.feature_dim, len(data.vocab))), c,
+                              torch.device("cpu"), ddp=True)
+            calls[accumulate] = 0
+
+            def hook(state, bucket, accumulate=accumulate):
+                calls[accumulate] += 1
+                fut = torch.futures.Future()
+                fut.set_result(bucket.buffer())
+                return fut
+
+            trainer.net.register_comm_hook(None, hook)
+            run_epoch(trainer, data, batches)
+        assert calls[4] > 0 and calls[1] == 4 * calls[4]  # 4 updates vs 1 update, the same buckets each
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_process_group_timeout_is_explicit_and_at_least_30_minutes(monkeypatch):
+    """torch's NCCL default (10 min) would abort a job while rank 0 validates: the timeout is always passed."""
+    from datetime import timedelta
+
+    import torch.distributed as tdist
+
+    from pipeline.core import distributed
+
+    seen = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("PIPELINE_DIST_TIMEOUT", raising=False)
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tdist, "init_process_group", lambda **kw: seen.append(kw))
+    monkeypatch.setattr(tdist, "get_rank", lambda: 0)
+    monkeypatch.setattr(tdist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed.atexit, "register", lambda fn: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    distributed.context()
+    distributed.context(TrainConfig(dist_timeout=90).dist_timeout)
+    monkeypatch.setenv("PIPELINE_DIST_TIMEOUT", "7200")
+    distributed.context(45)
+    assert [kw["timeout"] for kw in seen] == [timedelta(minutes=30), timedelta(minutes=90), timedelta(hours=2)]
+    assert TrainConfig().dist_timeout == 30 and ExtractConfig().dist_timeout == 30
