@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import h5py
@@ -326,3 +327,15 @@ def test_prepare_with_a_given_vocabulary_needs_no_train_split(coco_dataset, prep
     with pytest.raises(PipelineError, match="--vocab .*cannot read a vocabulary"):
         (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
         prepare("coco", [val_json], [val_dir], out_dir=tmp_path / "w", vocab=str(tmp_path / "junk.pt"))
+
+
+def test_missing_cache_hint_names_the_cache_folder(tmp_path):
+    """A cache at PF/c that does not exist yet: the hint says `--out-dir PF/c`, not its parent."""
+    cache = tmp_path / "pf" / "c"
+    with pytest.raises(PipelineError, match=re.escape(f"no manifest at {cache / 'manifest.json'}: run "
+                                                     f"`pipeline prepare --out-dir {cache}` first")):
+        load_manifest(cache)
+    with pytest.raises(PipelineError, match=re.escape(f"--out-dir {cache}` first")):
+        Vocabulary.load(cache)
+    with pytest.raises(PipelineError, match=re.escape(f"--out-dir {tmp_path}` first")):
+        load_manifest(tmp_path / "manifest.json")  # a manifest file named directly: its folder
