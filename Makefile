@@ -27,7 +27,7 @@ demo: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show
 	$(BIN)/pipeline --params params.yaml caption data/demo/test --checkpoint checkpoints/best.pt \
-		--html results/demo.html --json results/demo_captions.json 2>/dev/null | head -n 8
+		--html results/demo.html --json results/demo_captions.json | head -n 8
 	@echo "captions page: results/demo.html    training curves: metrics/train/train.png"
 
 # The demo's decoder against an image-blind one trained the same way (params.yaml), on the test split.

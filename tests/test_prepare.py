@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import h5py
@@ -147,8 +148,16 @@ def test_read_flickr8k_explicit_files_and_default_image_dir(flickr8k_dataset):
     m, stats = read_dataset("flickr8k", files, [])
     assert {r.split for r in m.images} == {"val"} and len(m.images) == 3
     assert stats.unsplit_images == 7
+    # the token file alone: the split lists beside it are found, as when the folder is given
+    alone, _ = read_flickr8k([root / "Flickr8k.token.txt"], [root])
+    folder, _ = read_flickr8k([root], [root])
+    assert [(r.id, r.split) for r in alone.images] == [(r.id, r.split) for r in folder.images]
+    assert {r.split for r in alone.images} == {"train", "val"}
+    lonely = root.parent / "lonely"
+    lonely.mkdir()
+    (lonely / "Flickr8k.token.txt").write_text((root / "Flickr8k.token.txt").read_text())
     with pytest.raises(PipelineError, match="split list"):
-        read_flickr8k([root / "Flickr8k.token.txt"], [root])
+        read_flickr8k([lonely / "Flickr8k.token.txt"], [root])
     with pytest.raises(PipelineError, match="does not exist"):
         read_flickr8k([root / "Flickr8k.tokens_typo.txt"], [root])
 
@@ -304,3 +313,29 @@ def test_prepare_bad_inputs_raise_pipeline_errors(coco_dataset, tmp_path):
     with pytest.raises(PipelineError, match="missing"):
         prepare("coco", coco_dataset["annotations"], imgs, out_dir=tmp_path / "c", strict=True)
     assert not (tmp_path / "c").exists()  # nothing half-written on failure
+
+
+def test_prepare_with_a_given_vocabulary_needs_no_train_split(coco_dataset, prepared_cache, tmp_path):
+    """--vocab: an evaluation-only dataset (COCO val alone) is encoded with an existing vocabulary."""
+    val_json, val_dir = coco_dataset["annotations"][1], coco_dataset["images"][1]
+    with pytest.raises(PipelineError, match="no training captions found.*--vocab"):
+        prepare("coco", [val_json], [val_dir], out_dir=tmp_path / "v")
+    s = prepare("coco", [val_json], [val_dir], out_dir=tmp_path / "v", vocab=str(prepared_cache / "vocab.json"))
+    assert s.split_images == {"train": 0, "val": 6, "test": 0} and s.captions > 0
+    assert f"from {prepared_cache / 'vocab.json'}" in s.line()
+    assert Vocabulary.load(tmp_path / "v").tokens == Vocabulary.load(prepared_cache).tokens
+    with pytest.raises(PipelineError, match="--vocab .*cannot read a vocabulary"):
+        (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+        prepare("coco", [val_json], [val_dir], out_dir=tmp_path / "w", vocab=str(tmp_path / "junk.pt"))
+
+
+def test_missing_cache_hint_names_the_cache_folder(tmp_path):
+    """A cache at PF/c that does not exist yet: the hint says `--out-dir PF/c`, not its parent."""
+    cache = tmp_path / "pf" / "c"
+    with pytest.raises(PipelineError, match=re.escape(f"no manifest at {cache / 'manifest.json'}: run "
+                                                     f"`pipeline prepare --out-dir {cache}` first")):
+        load_manifest(cache)
+    with pytest.raises(PipelineError, match=re.escape(f"--out-dir {cache}` first")):
+        Vocabulary.load(cache)
+    with pytest.raises(PipelineError, match=re.escape(f"--out-dir {tmp_path}` first")):
+        load_manifest(tmp_path / "manifest.json")  # a manifest file named directly: its folder

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,11 @@ from pipeline.decoder.checkpoint import load_checkpoint
 from pipeline.decoder.data import length_grouped_batches, load_cache
 from pipeline.decoder.decode import beam_search, greedy_decode
 from pipeline.decoder.model import CaptionDecoder, ModelConfig, ModelSettings, packed_targets, teacher_forcing
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.evaluate.evaluate import evaluate
+from pipeline.extract.config import ExtractConfig
 from pipeline.train.config import TrainConfig
-from pipeline.train.train import train
+from pipeline.train.train import Trainer, accumulation_group, global_batches, run_epoch, train
 
 SMALL = dict(arch="resnet18", weights="none", resize=72, crop=64, batch_size=8, workers=0)
 TINY_MODEL = dict(embed_size=32, hidden_size=48)
@@ -263,3 +268,183 @@ def test_cli_end_to_end(coco_dataset, tmp_path, monkeypatch):
     assert page.count("<img ") == 6 and "data:image/jpeg;base64," in page
     r = cli.invoke(main, ["caption", "nothing-here/*.jpg"])
     assert r.exit_code == 1 and "Error:" in r.output
+
+
+def test_evaluate_says_which_images_it_left_out(coco_dataset, prepared_cache, tmp_path):
+    """Undecodable images and --max-images cut are counted in the summary and the metrics, not dropped silently."""
+    [victim] = Path(coco_dataset["images"][1]).glob("COCO_val2014_000000000632.*")
+    victim.write_bytes(b"\xff\xd8\xff garbage")
+    extract(prepared_cache, **SMALL)
+    run(prepared_cache, tmp_path, epochs=1)
+    out = tmp_path / "x" / "eval.json"
+    s = run_evaluate(tmp_path / "ckpt" / "best.pt", prepared_cache, split="val", out=out, tokenizer="simple",
+                     max_images=3)
+    metrics = json.loads(out.read_text())
+    assert (s.images, s.split_images) == (3, 6) and metrics["split_images"] == 6
+    assert metrics["left_out"] == {"undecodable": 1, "max_images": 2}
+    assert s.table().splitlines()[0].startswith("val: 3 of 6 images")
+    assert "1 could not be decoded at extraction, 2 beyond --max-images" in s.table()
+    # outputs go where asked: the captions file beside --out, not in X/../results
+    assert s.results_path == str(tmp_path / "x" / "captions_val.json") and Path(s.results_path).exists()
+    assert not (tmp_path / "results").exists()
+
+
+def test_evaluate_refuses_images_the_checkpoint_was_trained_on(cache, tmp_path):
+    run(cache, tmp_path, epochs=1)
+    best = tmp_path / "ckpt" / "best.pt"
+    record = load_checkpoint(best)["train_images"]
+    assert record["count"] == 12 and record["ids"].dtype == torch.int64 and record["ids"].tolist() == sorted(
+        [9, 25, 30, 34, 36, 42, 49, 61, 64, 71, 72, 77])
+    with pytest.raises(PipelineError, match=r"^12 of the 12 images of split 'train' were in .*--allow-overlap"):
+        run_evaluate(best, cache, split="train", out=tmp_path / "e.json", tokenizer="simple")
+    s = evaluate(best, cache, EvaluateConfig(split="train", tokenizer="simple"), out=tmp_path / "e.json",
+                 allow_overlap=True)
+    assert any("12 of the 12 scored images were in the checkpoint's training set" in n for n in s.notes)
+    r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(best), "--cache-dir", str(cache), "--split", "train",
+                                  "--tokenizer", "simple", "--out", str(tmp_path / "e2.json")])
+    assert r.exit_code == 1 and r.output.startswith("Error: 12 of the 12 images") and "Traceback" not in r.output
+    # a checkpoint from before training images were recorded: evaluate says it cannot check, and goes on
+    old = torch.load(best, weights_only=True)
+    del old["train_images"]
+    torch.save(old, tmp_path / "old.pt")
+    s = run_evaluate(tmp_path / "old.pt", cache, split="val", out=tmp_path / "e3.json", tokenizer="simple")
+    assert any("does not record its training images" in n for n in s.notes)
+    assert any("not checked" in n for n in json.loads((tmp_path / "e3.json").read_text())["notes"])
+
+
+def test_demo_caption_step_writes_its_files_when_piped_to_head(cache, tmp_path):
+    """The Makefile's `pipeline caption ... --html X --json Y | head -n 8`: head leaves early, the files stay.
+
+    The lines are made longer in total than a pipe's buffer (64 KiB, long folder names), so caption is
+    still printing when head has gone, on every run."""
+    run(cache, tmp_path, epochs=1)
+    folder = tmp_path.joinpath(*(f"{'d' * 200}{k}" for k in range(5)))  # ~1 KiB paths
+    folder.mkdir(parents=True)
+    [source] = Path(json.loads((cache / "manifest.json").read_text())["image_dirs"][0]).glob("*000000000009.*")
+    for k in range(80):
+        shutil.copy(source, folder / f"img{k:03d}{source.suffix}")
+    html, js = tmp_path / "out" / "demo.html", tmp_path / "out" / "demo.json"
+    cmd = (f"'{sys.executable}' -m pipeline caption '{folder}' --checkpoint '{tmp_path / 'ckpt' / 'best.pt'}' "
+           f"--html '{html}' --json '{js}' | head -n 2; echo \"caption exit ${{PIPESTATUS[0]}}\" >&2")
+    p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=600)
+    assert len(p.stdout.splitlines()) == 2
+    assert html.exists() and js.exists() and len(json.loads(js.read_text())) == 80
+    assert "Traceback" not in p.stderr and "caption exit 0" in p.stderr, p.stderr
+
+
+def test_evaluation_only_dataset_prepared_with_a_checkpoints_vocabulary(cache, coco_dataset, tmp_path):
+    """COCO val alone (no train split) + `prepare --vocab CHECKPOINT`: evaluate and caption work on it, train refuses."""
+    run(cache, tmp_path, epochs=1)
+    best, other = tmp_path / "ckpt" / "best.pt", tmp_path / "valonly"
+    cli = CliRunner()
+    r = cli.invoke(main, ["prepare", "--dataset", "coco", "--annotations", str(coco_dataset["annotations"][1]),
+                          "--images", str(coco_dataset["images"][1]), "--vocab", str(best), "--out-dir", str(other)])
+    assert r.exit_code == 0, r.output
+    assert "train 0, val 6" in r.output and f"from {best}" in r.output
+    extract(other, **SMALL)
+    r = cli.invoke(main, ["evaluate", "--checkpoint", str(best), "--cache-dir", str(other), "--split", "val",
+                          "--tokenizer", "simple", "--out", str(tmp_path / "e" / "eval.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["images"] == 6
+    r = cli.invoke(main, ["caption", str(coco_dataset["images"][1]), "--checkpoint", str(best)])
+    assert r.exit_code == 0 and len([line for line in r.output.splitlines() if "\t" in line]) == 6
+    with pytest.raises(PipelineError, match="no training captions"):
+        run(other, tmp_path / "t", epochs=1)
+
+
+# ------------------------------------------------------------------------ accumulation, batchnorm, DDP no_sync
+def test_accumulation_groups_of_an_epoch():
+    assert [accumulation_group(i, 6, 4) for i in range(6)] == [4, 4, 4, 4, 2, 2]
+    assert [accumulation_group(i, 4, 2) for i in range(4)] == [2, 2, 2, 2]
+    assert [accumulation_group(i, 3, 1) for i in range(3)] == [1, 1, 1]
+
+
+def _update_grads(data, batches, **kw) -> list[torch.Tensor]:
+    """The gradients each optimizer step of run_epoch sees, from a decoder seeded the same way every time."""
+    c = cfg(clip=0.0, **kw)
+    torch.manual_seed(0)
+    model = CaptionDecoder(ModelConfig.of(c, data.encoder.feature_dim, len(data.vocab)))
+    trainer = Trainer(model, c, torch.device("cpu"))
+    seen, step = [], trainer.opt.step
+
+    def record(*a, **k):
+        seen.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).clone())
+        return step(*a, **k)
+
+    trainer.opt.step = record
+    run_epoch(trainer, data, batches)
+    return seen
+
+
+def test_partial_accumulation_group_is_averaged_over_its_own_batches(cache):
+    """accumulate=4 over 2 batches: one update averaging 2 batches, the same gradient as accumulate=2."""
+    data = load_cache(cache)
+    batches = global_batches(data, data.caption_rows("train"), cfg(), epoch=0)[:2]
+    [partial] = _update_grads(data, batches, accumulate=4)
+    [whole] = _update_grads(data, batches, accumulate=2)
+    assert torch.allclose(partial, whole, rtol=1e-5, atol=1e-7)
+
+
+def test_batchnorm_survives_a_one_caption_batch(cache, tmp_path):
+    data = load_cache(cache)
+    n = len(data.caption_rows("train"))
+    s = run(cache, tmp_path, model={"batchnorm": True}, epochs=1, batch_size=n - 1)  # last batch: 1 caption
+    assert s.steps == 2
+    model = CaptionDecoder(ModelConfig.of(cfg(batchnorm=True), data.encoder.feature_dim, len(data.vocab))).train()
+    before = model.bn.running_mean.clone()
+    model.init_state(data.features[:1].float())  # (1, D): running statistics, left unchanged
+    assert torch.equal(model.bn.running_mean, before)
+
+
+def test_ddp_accumulation_steps_do_not_all_reduce(cache, tmp_path):
+    """Only the updating step of an accumulation group communicates: the forward pass is inside no_sync."""
+    import torch.distributed as tdist
+
+    data = load_cache(cache)
+    batches = global_batches(data, data.caption_rows("train"), cfg(), epoch=0)[:4]
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        calls = {}
+        for accumulate in (1, 4):
+            c = cfg(accumulate=accumulate)
+            torch.manual_seed(0)
+            trainer = Trainer(CaptionDecoder(ModelConfig.of(c, data.encoder.feature_dim, len(data.vocab))), c,
+                              torch.device("cpu"), ddp=True)
+            calls[accumulate] = 0
+
+            def hook(state, bucket, accumulate=accumulate):
+                calls[accumulate] += 1
+                fut = torch.futures.Future()
+                fut.set_result(bucket.buffer())
+                return fut
+
+            trainer.net.register_comm_hook(None, hook)
+            run_epoch(trainer, data, batches)
+        assert calls[4] > 0 and calls[1] == 4 * calls[4]  # 4 updates vs 1 update, the same buckets each
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_process_group_timeout_is_explicit_and_at_least_30_minutes(monkeypatch):
+    """torch's NCCL default (10 min) would abort a job while rank 0 validates: the timeout is always passed."""
+    from datetime import timedelta
+
+    import torch.distributed as tdist
+
+    from pipeline.core import distributed
+
+    seen = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("PIPELINE_DIST_TIMEOUT", raising=False)
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tdist, "init_process_group", lambda **kw: seen.append(kw))
+    monkeypatch.setattr(tdist, "get_rank", lambda: 0)
+    monkeypatch.setattr(tdist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed.atexit, "register", lambda fn: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    distributed.context()
+    distributed.context(TrainConfig(dist_timeout=90).dist_timeout)
+    monkeypatch.setenv("PIPELINE_DIST_TIMEOUT", "7200")
+    distributed.context(45)
+    assert [kw["timeout"] for kw in seen] == [timedelta(minutes=30), timedelta(minutes=90), timedelta(hours=2)]
+    assert TrainConfig().dist_timeout == 30 and ExtractConfig().dist_timeout == 30

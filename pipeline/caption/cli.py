@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import click
 
 from pipeline.core.settings import click_options
@@ -23,17 +26,32 @@ def caption(inputs, checkpoint, batch_size, encoder_weights, json_out, html_out,
 
     cfg, _ = DecodeConfig.pick(options)
     results = caption_images(checkpoint, list(inputs), cfg, batch_size=batch_size, encoder_weights=encoder_weights)
-    for r in results:
-        if r.error:
-            click.echo(f"skipped {r.path}: {r.error}", err=True)
-        else:
-            click.echo(f"{r.path}\t{r.caption}")
+    # The files first: a reader that stops early (`| head`) must not cost the page or the JSON.
     if json_out:
         write_results_json(results, json_out)
     if html_out:
         write_html(results, html_out)
+    print_results(results)
     bad = sum(1 for r in results if r.error)
     click.echo(f"captioned {len(results) - bad} images, {bad} unreadable", err=True)
+
+
+def print_results(results) -> None:
+    """path<TAB>caption lines on stdout (skipped images on stderr); stops quietly when stdout's reader has
+    gone (`| head -n 8`), since the files are written and the reader has what it asked for."""
+    reader_gone = False
+    for r in results:
+        if r.error:
+            click.echo(f"skipped {r.path}: {r.error}", err=True)
+        elif not reader_gone:
+            try:
+                click.echo(f"{r.path}\t{r.caption}")
+            except BrokenPipeError:
+                reader_gone = True
+                # Python would hit the broken pipe again when it flushes stdout at exit: point it at devnull.
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
 
 
 caption.params_sections = {DecodeConfig: ""}

@@ -118,11 +118,19 @@ class Context:
         return value
 
 
-def _timeout() -> timedelta | None:
-    """PIPELINE_DIST_TIMEOUT (seconds) bounds how long a rank waits in a collective; torch's default
-    (30 min) otherwise. Raise it if rank 0's validation or assembly of a huge cache takes longer."""
+DIST_TIMEOUT_MINUTES = 30.0
+DIST_TIMEOUT_HELP = ("Under torchrun: minutes a process waits for the others in a collective before the job "
+                     "is aborted (rank 0 alone validates and assembles the cache: give it time on big datasets).")
+
+
+def _timeout(minutes: float | None = None) -> timedelta:
+    """How long a rank waits in a collective: `minutes` (the stages' dist_timeout, 30 by default), or
+    PIPELINE_DIST_TIMEOUT (seconds) when set, which overrides it. Always explicit: torch's own default
+    for NCCL is 10 minutes, shorter than rank 0's validation or feature assembly on COCO can take."""
     raw = os.environ.get("PIPELINE_DIST_TIMEOUT")
-    return timedelta(seconds=float(raw)) if raw else None
+    if raw:
+        return timedelta(seconds=float(raw))
+    return timedelta(minutes=DIST_TIMEOUT_MINUTES if minutes is None else float(minutes))
 
 
 def _destroy() -> None:
@@ -133,8 +141,9 @@ def _destroy() -> None:
             pass
 
 
-def context() -> Context:
-    """The process's place in the job, initializing the process group on first use under torchrun."""
+def context(timeout_minutes: float | None = None) -> Context:
+    """The process's place in the job, initializing the process group on first use under torchrun
+    (with a collective timeout of `timeout_minutes`, see _timeout; later calls leave the group as it is)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Context()
@@ -145,8 +154,7 @@ def context() -> Context:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
             kwargs["device_id"] = torch.device("cuda", local_rank)  # binds the group to this GPU from the start
-        if _timeout() is not None:
-            kwargs["timeout"] = _timeout()
+        kwargs["timeout"] = _timeout(timeout_minutes)
         tdist.init_process_group(**kwargs)
         atexit.register(_destroy)
     return Context(rank=tdist.get_rank(), world_size=tdist.get_world_size(), local_rank=local_rank)

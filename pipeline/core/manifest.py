@@ -74,7 +74,7 @@ def manifest_fingerprint(images: list[ImageRecord]) -> str:
 def load_manifest(path: str | os.PathLike) -> Manifest:
     """Load `path` (a manifest file or a cache directory holding `manifest.json`)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or path.suffix != ".json":  # a cache folder, even one not made yet: the hint names it
         path = path / MANIFEST_NAME
     if not path.exists():
         raise PipelineError(f"no manifest at {path}: run `pipeline prepare --out-dir {path.parent}` first")

@@ -126,7 +126,7 @@ class Vocabulary:
     def load(cls, path: str | os.PathLike) -> Vocabulary:
         """Load `path` (a vocab.json file or a cache directory holding one)."""
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() or path.suffix != ".json":  # a cache folder, even one not made yet: the hint names it
             path = path / VOCAB_NAME
         if not path.exists():
             raise PipelineError(f"no vocabulary at {path}: run `pipeline prepare --out-dir {path.parent}` first")

@@ -88,9 +88,21 @@ class CaptionDecoder(nn.Module):
         x = (features.float() - self.feature_mean) / self.feature_std  # (B, D)
         if self.cfg.blind:
             x = torch.zeros_like(x)  # the mean feature, standardized
-        x = self.bn(self.project(x.to(self.project.weight.dtype)))  # (B, E)
+        x = self.normalize(self.project(x.to(self.project.weight.dtype)))  # (B, E)
         _, state = self.lstm(x.unsqueeze(1))  # input (B, 1, E)
         return state
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The BatchNorm (or identity) after the projection, x (B, E) -> (B, E).
+
+        A training batch of one caption (the last batch of an epoch can be) has no batch variance, and
+        BatchNorm1d refuses it: such a batch is normalized with the running statistics instead (which it
+        leaves as they are). SyncBatchNorm is left alone: its statistics span every rank's rows."""
+        bn = self.bn
+        if self.training and x.size(0) == 1 and type(bn) is nn.BatchNorm1d:
+            return nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                            training=False, eps=bn.eps)
+        return bn(x)
 
     def step(self, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
         """One decoding step: tokens (B,) -> logits (B, V), new state."""

@@ -13,14 +13,16 @@ from pipeline.evaluate.config import EvaluateConfig
 @click.option("--cache-dir", default="cache", show_default=True, type=click.Path())
 @click.option("--out", default="metrics/eval.json", show_default=True, type=click.Path(), help="Metrics JSON.")
 @click.option("--results", default=None, type=click.Path(),
-              help="COCO results JSON [default: results/captions_SPLIT.json].")
+              help="COCO results JSON [default: captions_SPLIT.json beside --out].")
 @click_options(EvaluateConfig)
-def evaluate(checkpoint, cache_dir, out, results, **options):
+@click.option("--allow-overlap", is_flag=True,
+              help="Score images the checkpoint was trained on (refused by default: such scores flatter it).")
+def evaluate(checkpoint, cache_dir, out, results, allow_overlap, **options):
     """Decode a split from the cached features and score it (BLEU-1..4, METEOR, ROUGE-L, CIDEr)."""
     from pipeline.evaluate.evaluate import evaluate as run
 
     cfg, _ = EvaluateConfig.pick(options)
-    summary = run(checkpoint, cache_dir, cfg, out=out, results=results)
+    summary = run(checkpoint, cache_dir, cfg, out=out, results=results, allow_overlap=allow_overlap)
     click.echo(summary.table())
     click.echo(f"metrics -> {summary.metrics_path}, captions -> {summary.results_path}")
 

@@ -21,6 +21,7 @@ from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
 from pipeline.decoder.data import CaptionData, load_cache
 from pipeline.decoder.decode import decode
 from pipeline.decoder.metrics import score_captions
+from pipeline.decoder.overlap import overlap
 from pipeline.evaluate.config import EvaluateConfig
 
 
@@ -33,10 +34,15 @@ class EvalSummary:
     seconds: float = 0.0
     metrics_path: str = ""
     results_path: str = ""
+    split_images: int = 0  # images of the split in the cache, scored or not
+    left_out: dict = field(default_factory=dict)  # reason -> images of the split not scored
 
     def table(self) -> str:
         keys = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
         lines = [f"{self.split}: {self.images} images, {self.seconds:.1f} s"]
+        if sum(self.left_out.values()):
+            lines = [f"{self.split}: {self.images} of {self.split_images} images, {self.seconds:.1f} s; "
+                     f"left out: {describe_left_out(self.left_out)}"]
         lines += [f"  {k:<8} {self.scores[k]:.4f}" for k in keys if k in self.scores]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -55,15 +61,40 @@ def check_compatible(ckpt: dict, data: CaptionData, where: str) -> None:
                             f"evaluate on the cache it was trained from, or retrain")
 
 
+LEFT_OUT_REASONS = {"undecodable": "could not be decoded at extraction",
+                    "max_images": "beyond --max-images"}
+
+
+def describe_left_out(left_out: dict) -> str:
+    """'6 could not be decoded at extraction, 10 beyond --max-images' (reasons with a count only)."""
+    return ", ".join(f"{n} {LEFT_OUT_REASONS.get(k, k)}" for k, n in left_out.items() if n)
+
+
+def check_overlap(ckpt: dict, data: CaptionData, rows, split: str, where: str, allow: bool) -> str | None:
+    """Refuse to score images the checkpoint was trained on (unless `allow`); returns a note, or None.
+
+    A score on training images says nothing about captioning unseen ones, and nothing else in the
+    outputs would show it. Checkpoints written before training images were recorded cannot be checked."""
+    n = overlap(ckpt, data, rows)
+    if n is None:
+        return f"{where} does not record its training images: overlap with split {split!r} not checked"
+    if n and not allow:
+        raise PipelineError(f"{n} of the {len(rows)} images of split {split!r} were in {where}'s training set: "
+                            f"score a split it was not trained on, or pass --allow-overlap to score them anyway")
+    return f"{n} of the {len(rows)} scored images were in the checkpoint's training set" if n else None
+
+
 def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = "cache", cfg: EvaluateConfig | None = None,
              out: str | os.PathLike = "metrics/eval.json", results: str | os.PathLike | None = None,
-             batch_size: int = 256) -> EvalSummary:
+             batch_size: int = 256, allow_overlap: bool = False) -> EvalSummary:
     """Decode `cfg.split` of the cache with the checkpoint's decoder and score it against the references.
 
     Writes the metrics JSON to `out` and the COCO results JSON ([{"image_id", "caption"}]) to
-    `results` (default: results/captions_SPLIT.json beside the metrics folder). Returns an EvalSummary.
-    Refuses (PipelineError) a missing or foreign checkpoint, a checkpoint trained on another encoder or
-    vocabulary than the cache's, a split without valid images, and images without references.
+    `results` (default: captions_SPLIT.json beside `out`). Returns an EvalSummary; it and the metrics
+    say how many images of the split were left out, and why. Refuses (PipelineError) a missing or
+    foreign checkpoint, a checkpoint trained on another encoder or vocabulary than the cache's, a
+    split without valid images, images without references, and (unless `allow_overlap`) images the
+    checkpoint was trained on.
     """
     cfg = cfg or EvaluateConfig()
     cfg.check()
@@ -74,12 +105,16 @@ def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = "cach
     check_compatible(ckpt, data, str(checkpoint))
     dev = choose_device(cfg.device)
     model, vocab, _ = restore_decoder(ckpt, dev)
+    split_images = len(data.image_rows(split, valid_only=False))
     rows = data.image_rows(split)
+    left_out = {"undecodable": split_images - len(rows), "max_images": 0}
     if cfg.max_images:
+        left_out["max_images"] = max(len(rows) - cfg.max_images, 0)
         rows = rows[:cfg.max_images]
     if len(rows) == 0:
         present = [s for s in SPLITS if len(data.image_rows(s))]
         raise PipelineError(f"the cache has no valid images in split {split!r}: choose --split from {present}")
+    overlap_note = check_overlap(ckpt, data, rows, split, str(checkpoint), allow_overlap)
     hyps = decode(model, data.features[rows].to(dev).float(), beam_size=beam_size, max_length=max_length,
                   start_id=vocab.start_id, end_id=vocab.end_id, length_penalty=length_penalty,
                   banned_ids=(vocab.pad_id, vocab.start_id, vocab.unk_id), batch_size=batch_size)
@@ -90,11 +125,14 @@ def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = "cach
     if missing:
         raise PipelineError(f"{len(missing)} images of split {split!r} have no reference captions (e.g. id {missing[0]})")
     report = score_captions(references, candidates, tokenizer=cfg.tokenizer)
-    results = Path(results) if results else Path(out).parent.parent / "results" / f"captions_{split}.json"
+    notes = list(report.notes) + ([overlap_note] if overlap_note else [])
+    results = Path(results) if results else Path(out).parent / f"captions_{split}.json"
     write_json(results, [{"image_id": i, "caption": c} for i, c in candidates.items()])
     seconds = time.perf_counter() - started
-    metrics = {**report.scores, "split": split, "images": len(rows), "beam_size": beam_size,
+    metrics = {**report.scores, "split": split, "images": len(rows), "split_images": split_images,
+               "left_out": left_out, "beam_size": beam_size,
                "max_length": max_length, "length_penalty": length_penalty, "tokenizer": report.tokenizer,
-               "checkpoint_epoch": int(ckpt["epoch"]), "notes": list(report.notes)}
+               "checkpoint_epoch": int(ckpt["epoch"]), "notes": notes}
     write_json(out, metrics)
-    return EvalSummary(split, len(rows), dict(report.scores), list(report.notes), seconds, str(out), str(results))
+    return EvalSummary(split, len(rows), dict(report.scores), notes, seconds, str(out), str(results),
+                       split_images, left_out)

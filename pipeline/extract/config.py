@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from pipeline.core.distributed import DIST_TIMEOUT_HELP, DIST_TIMEOUT_MINUTES
 from pipeline.core.runtime import AMP_CHOICES, DEVICE_HELP
 from pipeline.core.settings import Settings, setting
 from pipeline.extract.changes import VERIFY_CHOICES
@@ -42,3 +43,4 @@ class ExtractConfig(Settings):
     device: str = setting("auto", DEVICE_HELP)
     amp: str = setting("auto", "Autocast precision on CUDA (auto: bf16 where supported). Ignored on CPU.",
                        choices=AMP_CHOICES)
+    dist_timeout: float = setting(DIST_TIMEOUT_MINUTES, DIST_TIMEOUT_HELP, min=0, min_open=True)

@@ -121,7 +121,7 @@ def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = 
     cache_dir = Path(cache_dir)
     out = Path(out) if out else cache_dir / FEATURES_NAME
     parts_dir = out.with_name(out.name + ".parts")
-    dist = distributed.context()
+    dist = distributed.context(cfg.dist_timeout)
     job: dict = {}
 
     def plan():

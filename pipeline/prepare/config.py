@@ -19,6 +19,8 @@ class PrepareConfig(Settings):
     annotations: list[str] = setting([], "Annotation file (or Flickr8k folder). Repeat for several "
                                      "(e.g. COCO train + val).", required=True)
     images: list[str] = setting([], "Image folder. Repeat for several (e.g. train2014 and val2014).", required=True)
+    vocab: str = setting("", "Encode the captions with this vocabulary (a vocab.json or a checkpoint) instead of "
+                         "building one from the train split: for a dataset only evaluated on, e.g. COCO val2017.")
     vocab_threshold: int = setting(5, "Keep words seen at least this often in the training captions.", min=1)
     max_length: int = setting(20, "Cut captions to this many words (20 keeps ~99% of COCO captions whole).", min=1)
     strict: bool = setting(False, "Fail when an annotated image is missing on disk (default: skip and count).",

@@ -241,6 +241,9 @@ def _flickr8k_files(paths: Sequence[PathLike]) -> tuple[Path, dict[str, Path]]:
     if len(token) != 1:
         raise PipelineError(f"need exactly one {_FLICKR8K_TOKEN}, found {len(token)} in "
                             f"{', '.join(map(str, paths))}: pass the Flickr8k text folder or the token file")
+    if len(token) == 1 and not lists:  # the token file alone: Flickr8k ships the split lists beside it
+        lists = {split: token[0].parent / fname for split, fname in _FLICKR8K_LISTS.items()
+                 if (token[0].parent / fname).is_file()}
     if not lists:
         raise PipelineError(f"no Flickr8k split list ({', '.join(_FLICKR8K_LISTS.values())}) among "
                             f"{', '.join(map(str, paths))}: pass them or the folder holding them")

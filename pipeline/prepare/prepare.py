@@ -55,15 +55,40 @@ class PrepareSummary:
     cut_captions: int = 0  # captions longer than max_length, truncated
     train_fit_fraction: float = 1.0  # training captions that fit in max_length whole
     train_length_p99: int = 0  # the max_length that keeps 99% of training captions whole
+    vocab_source: str = ""  # the --vocab file the vocabulary came from ("": built from the train split)
 
     def line(self) -> str:
         splits = ", ".join(f"{s} {self.split_images.get(s, 0)}" for s in SPLITS)
         extra = f", {self.unsplit_images} in no split list" if self.unsplit_images else ""
         return (f"prepared {self.dataset}: {self.images} images ({splits}), {self.captions} captions, "
-                f"vocab {self.vocab_size} (threshold {self.vocab_threshold}); skipped {self.skipped_images} "
+                f"vocab {self.vocab_size} ({self._vocab_origin()}); skipped {self.skipped_images} "
                 f"missing images{extra}, dropped {self.dropped_empty} empty captions, cut {self.cut_captions} "
                 f"longer than {self.max_length} words ({self.train_fit_fraction:.1%} of train captions fit whole; "
                 f"99% need {self.train_length_p99}) -> {self.out_dir}")
+
+    def _vocab_origin(self) -> str:
+        return f"from {self.vocab_source}" if self.vocab_source else f"threshold {self.vocab_threshold}"
+
+
+def vocabulary_from(path: str | os.PathLike) -> Vocabulary:
+    """The vocabulary of a vocab.json (or a cache folder holding one) or of a `pipeline train` checkpoint.
+
+    Encoding an evaluation-only dataset with the vocabulary a decoder was trained with gives word ids
+    that decoder understands, so evaluate can score it on that cache. Checkpoints are read with
+    weights_only=True (plain data only) and hold the vocabulary as a token list under "vocab"."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".json":
+        return Vocabulary.load(path)
+    if not path.is_file():
+        raise PipelineError(f"--vocab {path}: no such file: pass a vocab.json or a checkpoint (e.g. checkpoints/best.pt)")
+    import torch  # only here: prepare otherwise never needs it
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return Vocabulary(ckpt["vocab"])
+    except Exception as e:  # noqa: BLE001 - not a torch file, not plain data, or no/bad "vocab"
+        raise PipelineError(f"--vocab {path}: cannot read a vocabulary from it ({type(e).__name__}): "
+                            f"pass a vocab.json or a checkpoint written by `pipeline train`") from None
 
 
 def prepare(cfg: PrepareConfig, out_dir: str | os.PathLike = "cache") -> PrepareSummary:
@@ -105,13 +130,18 @@ def prepare(cfg: PrepareConfig, out_dir: str | os.PathLike = "cache") -> Prepare
         tokens.append(kept_toks)
 
     train_tokens = [t for rec, toks in zip(manifest.images, tokens) if rec.split == "train" for t in toks]
-    if not train_tokens:
+    if cfg.vocab:
+        vocab = vocabulary_from(cfg.vocab)
+    elif not train_tokens:
         raise PipelineError("no training captions found: the vocabulary is built from the train split, "
-                            "so pass the training annotations too (e.g. captions_train2014.json)")
-    vocab = Vocabulary.build(train_tokens, vocab_threshold)
-    train_lengths = np.array([len(t) for t in train_tokens])
-    fit = float(np.mean(train_lengths <= max_length))
-    p99 = int(np.quantile(train_lengths, 0.99, method="inverted_cdf"))
+                            "so pass the training annotations too (e.g. captions_train2014.json), or pass "
+                            "--vocab (a vocab.json or checkpoint) to encode a dataset only evaluated on")
+    else:
+        vocab = Vocabulary.build(train_tokens, vocab_threshold)
+    # Without a train split (an evaluation-only dataset), the length figures describe all its captions.
+    train_lengths = np.array([len(t) for t in (train_tokens or [t for toks in tokens for t in toks])])
+    fit = float(np.mean(train_lengths <= max_length)) if len(train_lengths) else 1.0
+    p99 = int(np.quantile(train_lengths, 0.99, method="inverted_cdf")) if len(train_lengths) else 0
 
     n_captions = sum(len(t) for t in tokens)
     labels = np.zeros((n_captions, max_length), dtype=np.int32)
@@ -153,4 +183,4 @@ def prepare(cfg: PrepareConfig, out_dir: str | os.PathLike = "cache") -> Prepare
         split_images={s: len(manifest.indices(s)) for s in SPLITS}, captions=n_captions,
         vocab_size=len(vocab), vocab_threshold=vocab_threshold, max_length=max_length,
         skipped_images=stats.missing_images, unsplit_images=stats.unsplit_images, dropped_empty=dropped,
-        cut_captions=cut, train_fit_fraction=fit, train_length_p99=p99)
+        cut_captions=cut, train_fit_fraction=fit, train_length_p99=p99, vocab_source=cfg.vocab)

@@ -24,7 +24,7 @@ def train(cache_dir, out, metrics_dir, resume, quiet, **options):
     from pipeline.train.train import train as run
 
     cfg, _ = TrainConfig.pick(options)
-    is_main = distributed.context().is_main
+    is_main = distributed.context(cfg.dist_timeout).is_main
     summary = run(cache_dir=cache_dir, out=out, metrics_dir=metrics_dir, cfg=cfg, resume=resume,
                   progress=not quiet, log=lambda m: click.echo(m, err=True))
     if is_main:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from pipeline.core.distributed import DIST_TIMEOUT_HELP, DIST_TIMEOUT_MINUTES
 from pipeline.core.runtime import AMP_CHOICES, DEVICE_HELP
 from pipeline.core.settings import setting
 from pipeline.decoder.model import ModelSettings
@@ -33,3 +34,4 @@ class TrainConfig(ModelSettings):
     seed: int = setting(0, "Seed of the initialization, the batch order and dropout.")
     device: str = setting("auto", DEVICE_HELP)
     amp: str = setting("auto", "Autocast precision on CUDA. Ignored on CPU.", choices=AMP_CHOICES)
+    dist_timeout: float = setting(DIST_TIMEOUT_MINUTES, DIST_TIMEOUT_HELP, min=0, min_open=True)

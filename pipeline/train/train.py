@@ -53,6 +53,7 @@ from pipeline.decoder.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.decoder.data import CaptionData, length_grouped_batches, load_cache
 from pipeline.decoder.decode import decode
 from pipeline.decoder.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
+from pipeline.decoder.overlap import RECORD_KEY, training_images_record
 from pipeline.train.config import TrainConfig
 from pipeline.train.plots import plot_training
 
@@ -125,18 +126,21 @@ class Trainer:
     def loss(self, features, words, n, start_id: int, end_id: int):
         return caption_loss(self.net, features, words, n, start_id, end_id, self.device, self.amp_dtype)
 
-    def step(self, features, words, n, start_id, end_id, update: bool = True, weight: float | None = None) -> torch.Tensor:
+    def step(self, features, words, n, start_id, end_id, update: bool = True, weight: float | None = None,
+             group: int | None = None) -> torch.Tensor:
         """Forward + backward; with `update`, clip and take an optimizer step. Returns the detached loss.
 
         `weight` multiplies the loss for the backward pass only (DDP: this rank's token share of the
-        global batch times N, see the module docstring). Under DDP the gradients of accumulation
-        steps stay local (no_sync) and are averaged once, at the step that updates.
+        global batch times N, see the module docstring). `group`: how many batches the coming update
+        averages (default cfg.accumulate; fewer for an epoch's last, partial group). Under DDP the
+        gradients of accumulation steps stay local (no_sync, which must cover the forward pass too, or
+        DDP still all-reduces at the backward) and are averaged once, at the step that updates.
         """
-        loss, _ = self.loss(features, words, n, start_id, end_id)
-        scaled = loss if weight is None else loss * weight
         local = not update and isinstance(self.net, torch.nn.parallel.DistributedDataParallel)
         with self.net.no_sync() if local else contextlib.nullcontext():
-            self.scaler.scale(scaled / self.cfg.accumulate).backward()
+            loss, _ = self.loss(features, words, n, start_id, end_id)
+            scaled = loss if weight is None else loss * weight
+            self.scaler.scale(scaled / (group or self.cfg.accumulate)).backward()
         if update:
             self.scaler.unscale_(self.opt)
             # max_norm=inf measures without clipping; the norm is the all-reduced one, so every rank agrees
@@ -215,13 +219,21 @@ def run_epoch(trainer: Trainer, data: CaptionData, batches: list[torch.Tensor], 
         update = (i + 1) % trainer.cfg.accumulate == 0 or i == len(batches) - 1
         feats = data.features[data.caption_image[rows]]  # (B, D) float16 in memory
         loss = trainer.step(feats, data.labels[rows], data.lengths[rows], vocab.start_id, vocab.end_id, update,
-                            None if weights is None else weights[i])
+                            None if weights is None else weights[i], accumulation_group(i, len(batches),
+                                                                                        trainer.cfg.accumulate))
         losses.append(loss)
         bar.update(len(rows))
         if progress and (i + 1) % trainer.cfg.print_every == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     return torch.stack(losses).float().cpu().tolist() if losses else []
+
+
+def accumulation_group(i: int, n_batches: int, accumulate: int) -> int:
+    """How many batches the update that batch `i` contributes to averages: `accumulate`, except in the
+    epoch's last group when `n_batches` is not a multiple of it (accumulate 4, 6 batches: 4, 4, 4, 4, 2, 2)."""
+    start = i // accumulate * accumulate
+    return min(accumulate, n_batches - start)
 
 
 @torch.no_grad()
@@ -302,7 +314,7 @@ def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "chec
 
 def setup(cache_dir: str | os.PathLike, out: Path, metrics_dir: Path, cfg: TrainConfig, log) -> Run:
     """Device, cache, a freshly initialised decoder (seeded) and its optimizer."""
-    dist = distributed.context()
+    dist = distributed.context(cfg.dist_timeout)
     device = choose_device(cfg.device, dist.local_rank if dist.enabled else None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -426,7 +438,8 @@ def save(run: Run, state: TrainState, path: Path) -> None:
                            "model_config": run.model_cfg.as_dict(), "train_config": asdict(run.cfg),
                            "vocab": list(data.vocab.tokens), "encoder": data.encoder.as_dict(),
                            "cache": {k: v for k, v in data.fingerprints.items() if k != "features_settings"},
-                           "epoch": state.epoch, "step": state.step, "train_state": asdict(state), "rng": rng})
+                           "epoch": state.epoch, "step": state.step, "train_state": asdict(state), "rng": rng,
+                           RECORD_KEY: training_images_record(data)})
 
 
 def rank_seed(seed: int, epoch: int, rank: int) -> int:
