@@ -39,7 +39,7 @@ from pipeline.core.fileio import atomic_path, sha256_json, write_json
 from pipeline.core.manifest import Manifest, load_manifest
 from pipeline.core.runtime import autocast, choose_device, default_workers
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.encoder import build_encoder, make_spec
+from pipeline.extract.encoder import build_encoder, make_spec, set_layout
 from pipeline.extract.images import ImageFiles, Preprocess, collate
 
 NP_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -219,9 +219,8 @@ def encode_images(encoder: torch.nn.Module, paths: list[str], preprocess: Prepro
 
 
 def load_encoder(spec: EncoderSpec, device: torch.device, weights_file=None) -> torch.nn.Module:
-    encoder = build_encoder(spec, weights_file).to(device)
+    encoder = set_layout(build_encoder(spec, weights_file).to(device), channels_last=True)  # why: Encoder's doc
     if device.type == "cuda":
-        encoder = encoder.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     return encoder
 
