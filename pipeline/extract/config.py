@@ -29,3 +29,5 @@ class ExtractConfig(Settings):
     device: str = setting("auto", DEVICE_HELP)
     amp: str = setting("auto", "Autocast precision on CUDA (auto: bf16 where supported). Ignored on CPU.",
                        choices=AMP_CHOICES)
+    gpu_decode: bool = setting(True, "On CUDA, decode baseline JPEGs on the GPU (nvJPEG, batched) and resize/crop "
+                               "there; other files go through PIL. No effect on the CPU.")
