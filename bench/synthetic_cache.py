@@ -2,9 +2,11 @@
 
     python bench/synthetic_cache.py OUT_DIR [--images 123287] [--captions-per-image 5] [--vocab 10000]
 
-Random features and captions with COCO's sizes (Karpathy split: 113k train images, ~566k train
-captions, lengths 8-20), written through the project's own file formats so `pipeline bench train
---cache-dir OUT_DIR` and `pipeline train` read it like a real cache. Nothing here is learnable.
+Random features and captions with COCO's sizes (Karpathy split: 113k train images, 616k captions of
+8-15 words from a 10k-word vocabulary, 2048-d float16 features), written through the project's own file
+formats so `pipeline bench train --cache-dir OUT_DIR`, `pipeline train` and bench/memory.py read it like
+a real cache. The manifest carries the raw caption strings (as a real one does: they are most of its
+size), and labels.h5 holds exactly those captions' word ids. Nothing here is learnable.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ from pipeline.extract.extract import cache_settings
 from pipeline.extract.images import Preprocess
 
 
+def _words(rng: np.random.Generator, count: int) -> list[str]:
+    """`count` distinct lowercase pseudo-words of 2-10 letters (English-like lengths)."""
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    out: dict[str, None] = {}
+    while len(out) < count:
+        out.setdefault("".join(rng.choice(letters, int(rng.integers(2, 11)))))
+    return list(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -35,17 +46,19 @@ def main() -> None:
     n, per = a.images, a.captions_per_image
     split = np.where(np.arange(n) < n - 10000, 0, np.where(np.arange(n) < n - 5000, 1, 2)).astype(np.uint8)
     names = ["train", "val", "test"]
-    words = [f"w{i}" for i in range(a.vocab - 4)]
-    recs = [ImageRecord(id=i, dir=0, file=f"img{i}.jpg", split=names[split[i]], captions=[]) for i in range(n)]
+    words = _words(rng, a.vocab - 4)
+    lengths = rng.integers(8, 16, n * per).astype(np.int32)
+    labels = rng.integers(4, a.vocab, (n * per, 20)).astype(np.int32)
+    labels[np.arange(20)[None, :] >= lengths[:, None]] = 0
+    captions = [" ".join(words[w - 4] for w in row[:k]).capitalize() + "." for row, k in zip(labels.tolist(), lengths)]
+    recs = [ImageRecord(id=i, dir=0, file=f"COCO_train2014_{i:012d}.jpg", split=names[split[i]],
+                        captions=captions[i * per:(i + 1) * per]) for i in range(n)]
     m = Manifest("synthetic", ["/nonexistent"], recs)
     os.makedirs(a.out, exist_ok=True)
     m.save(f"{a.out}/manifest.json")
     tokens = ["<pad>", "<start>", "<end>", "<unk>"] + words
     with open(f"{a.out}/vocab.json", "w") as f:
         json.dump({"tokens": tokens, "threshold": 5, "counts": {}}, f)
-    lengths = rng.integers(8, 21, n * per).astype(np.int32)
-    labels = rng.integers(4, a.vocab, (n * per, 20)).astype(np.int32)
-    labels[np.arange(20)[None, :] >= lengths[:, None]] = 0
     with h5py.File(f"{a.out}/labels.h5", "w") as f:
         f["labels"], f["lengths"] = labels, lengths
         f["caption_image"] = np.repeat(np.arange(n), per).astype(np.int32)

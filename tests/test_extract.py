@@ -228,6 +228,8 @@ def test_bench_extract_prints_figures_and_fails_below_its_targets(coco_dataset, 
     res = json.loads(out.read_text())
     assert res["images"] > 0 and res["bare_images_per_s"] > 0 and res["extract_images_per_s"] > 0
     assert res["ratio"] == pytest.approx(res["extract_images_per_s"] / res["bare_images_per_s"])
+    assert {"nchw, 1 thread", "channels_last, 1 thread"} <= set(res["bare_variants"])  # the limit is the best way
+    assert res["bare_images_per_s"] == res["bare_variants"][res["limit_variant"]]
     assert "target ratio extract / bare >= 0: met" in r.output and "target peak memory MB <= 1e+06: met" in r.output
     r = CliRunner().invoke(main, args + ["--target-ratio", "1000", "--max-memory-mb", "1"])
     assert r.exit_code == 1 and "Traceback" not in r.output

@@ -164,6 +164,7 @@ def test_bench_train_prints_figures_and_fails_below_its_targets(cache, tmp_path)
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert res["ratio"] == pytest.approx(res["train_captions_per_s"] / res["bare_captions_per_s"])
+    assert res["bare_captions_per_s"] == max(res["bare_variants"].values()) and "1 thread" in res["bare_variants"]
     assert res["speedup_vs_notebook"] == pytest.approx(res["train_captions_per_s"] / res["notebook_captions_per_s"])
     r = CliRunner().invoke(main, args + ["--target-speedup", "1e9"])
     assert r.exit_code == 1 and "target speed-up over the notebook way >= 1e+09: MISSED" in r.output

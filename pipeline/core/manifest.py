@@ -18,7 +18,9 @@ a feature cache, while adding, removing or reordering images does.
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Container
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,18 +73,38 @@ def manifest_fingerprint(images: list[ImageRecord]) -> str:
     return sha256_json([[r.id, r.file] for r in images])
 
 
-def load_manifest(path: str | os.PathLike) -> Manifest:
-    """Load `path` (a manifest file or a cache directory holding `manifest.json`)."""
+def load_manifest(path: str | os.PathLike, captions: bool | Container[int] = True) -> Manifest:
+    """Load `path` (a manifest file or a cache directory holding `manifest.json`).
+
+    `captions`: keep every image's raw captions (True), none (False: their records get empty lists), or
+    only those of these image rows. Dropped captions are let go image by image while the file is parsed,
+    so a COCO-sized manifest never holds its 600k caption strings at once where they are not used."""
     path = Path(path)
     if path.is_dir() or path.suffix != ".json":  # a cache folder, even one not made yet: the hint names it
         path = path / MANIFEST_NAME
     if not path.exists():
         raise PipelineError(f"no manifest at {path}: run `pipeline prepare --out-dir {path.parent}` first")
     try:
-        obj = read_json(path)
+        obj = read_json(path) if captions is True else _read_without_captions(path, captions)
         images = [ImageRecord(**r) for r in obj["images"]]
         m = Manifest(dataset=obj["dataset"], image_dirs=list(obj["image_dirs"]), images=images,
                      version=int(obj.get("version", 1)))
     except (ValueError, KeyError, TypeError) as e:
         raise PipelineError(f"{path} is not a valid manifest ({e}): rerun `pipeline prepare`") from None
     return m
+
+
+def _read_without_captions(path: Path, keep: bool | Container[int]) -> dict:
+    """The manifest's JSON with the captions of image rows not in `keep` dropped as each image is parsed."""
+    row = 0
+
+    def hook(d: dict) -> dict:
+        nonlocal row
+        if "captions" in d and "file" in d:  # an image record (json builds them in file order)
+            if keep is False or row not in keep:
+                d["captions"] = []
+            row += 1
+        return d
+
+    with open(path, encoding="utf-8") as f:
+        return json.load(f, object_hook=hook)

@@ -21,6 +21,7 @@ from pipeline.core.cache import FEATURES_NAME, LABELS_NAME, EncoderSpec, read_fe
 from pipeline.core.errors import PipelineError
 from pipeline.core.manifest import SPLITS, Manifest, load_manifest
 from pipeline.core.vocab import Vocabulary, tokenize
+from pipeline.decoder.shared_features import read_features
 
 
 @dataclass
@@ -28,13 +29,14 @@ class CaptionData:
     manifest: Manifest
     vocab: Vocabulary
     encoder: EncoderSpec
-    features: torch.Tensor  # (N, D) float16 or float32, row i = manifest image i
+    features: torch.Tensor  # (N, D) float16 or float32, row i = manifest image i (read-only under torchrun)
     valid: torch.Tensor  # (N,) bool: image decoded fine at extraction
-    labels: torch.Tensor  # (M, L) int64 word ids, 0-padded, no <start>/<end>
-    lengths: torch.Tensor  # (M,) int64 word counts
-    caption_image: torch.Tensor  # (M,) int64 row of each caption's image
-    image_split: torch.Tensor  # (N,) int64 index into SPLITS
+    labels: torch.Tensor  # (M, L) int16 word ids (int32 for vocabularies over 32767), 0-padded, no <start>/<end>
+    lengths: torch.Tensor  # (M,) int16 word counts
+    caption_image: torch.Tensor  # (M,) int32 row of each caption's image
+    image_split: torch.Tensor  # (N,) int8 index into SPLITS
     fingerprints: dict  # what a checkpoint records to recognise this cache
+    manifest_path: Path | None = None  # where to read raw captions that load_cache(captions=False) left out
 
     def image_rows(self, split: str, valid_only: bool = True) -> torch.Tensor:
         """Rows (into features) of the images of `split`."""
@@ -49,15 +51,28 @@ class CaptionData:
         return img_ok[self.caption_image].nonzero().squeeze(1)
 
     def references(self, rows: torch.Tensor) -> dict[int, list[str]]:
-        """Tokenized, space-joined reference captions by row, for scoring (full captions, not cut)."""
-        return {int(r): [" ".join(tokenize(c)) for c in self.manifest.images[int(r)].captions] for r in rows}
+        """Tokenized, space-joined reference captions by row, for scoring (full captions, not cut).
+
+        When load_cache left the raw captions out, only these rows' are read back from the manifest."""
+        images = self.manifest.images
+        if self.manifest_path is not None:
+            images = load_manifest(self.manifest_path, captions={int(r) for r in rows}).images
+        return {int(r): [" ".join(tokenize(c)) for c in images[int(r)].captions] for r in rows}
 
 
-def load_cache(cache_dir: str | os.PathLike = "cache", features: str | os.PathLike | None = None) -> CaptionData:
+def load_cache(cache_dir: str | os.PathLike = "cache", features: str | os.PathLike | None = None,
+               captions: bool = True) -> CaptionData:
+    """The cache in memory, checked for consistency.
+
+    Held compactly, since every torchrun rank holds its own: labels int16 (int32 past 32767 words),
+    lengths int16, caption rows int32, converted to int64 per batch where torch needs it (teacher_forcing).
+    Under torchrun the features are one shared copy per machine (see shared_features). `captions=False`
+    leaves the manifest's raw captions out (train: only rank 0's validation reads them, through
+    `references`, which then reads back just the rows it is asked for)."""
     cache_dir = Path(cache_dir)
     features_path = Path(features) if features else cache_dir / FEATURES_NAME
     labels_path = cache_dir / LABELS_NAME
-    manifest = load_manifest(cache_dir)
+    manifest = load_manifest(cache_dir, captions=captions)
     vocab = Vocabulary.load(cache_dir)
     for path, stage in ((labels_path, "prepare"), (features_path, "extract")):
         if not path.exists():
@@ -67,10 +82,11 @@ def load_cache(cache_dir: str | os.PathLike = "cache", features: str | os.PathLi
     settings = json.loads(attrs.get("settings", "{}") or "{}")
     with reading(labels_path, f"pipeline prepare --out-dir {cache_dir}"), h5py.File(labels_path, "r") as f:
         la = dict(f.attrs)
-        labels = torch.from_numpy(f["labels"][:].astype(np.int64))
-        lengths = torch.from_numpy(f["lengths"][:].astype(np.int64))
-        caption_image = torch.from_numpy(f["caption_image"][:].astype(np.int64))
-        image_split = torch.from_numpy(f["image_split"][:].astype(np.int64))
+        ids = np.int16 if len(vocab) <= np.iinfo(np.int16).max else np.int32
+        labels = torch.from_numpy(f["labels"].astype(ids)[:])  # converted while read: no int64 copy, ever
+        lengths = torch.from_numpy(f["lengths"].astype(np.int16)[:])
+        caption_image = torch.from_numpy(f["caption_image"].astype(np.int32)[:])
+        image_split = torch.from_numpy(f["image_split"].astype(np.int8)[:])
         label_ids = f["image_ids"][:]
 
     def refuse(what: str, fix: str):
@@ -87,13 +103,14 @@ def load_cache(cache_dir: str | os.PathLike = "cache", features: str | os.PathLi
     with reading(features_path, f"pipeline extract --cache-dir {cache_dir} --force"), h5py.File(features_path, "r") as f:
         if not np.array_equal(f["image_ids"][:], label_ids) or f["features"].shape[0] != len(manifest.images):
             refuse(f"{features_path.name} rows do not match the labels' images", "Rerun `pipeline extract --force`")
-        feats = torch.from_numpy(f["features"][:])  # (N, D) kept in its stored dtype
+        feats = read_features(f["features"], features_path, str(attrs.get("settings_fingerprint", "")))  # (N, D)
         valid = torch.from_numpy(f["valid"][:].astype(bool))
     check_finite_features(feats, valid, features_path, cache_dir)
     encoder = EncoderSpec.from_dict(attrs)
     fingerprints = {"manifest": manifest.fingerprint, "vocab": vocab.fingerprint,
                     "features": str(attrs.get("settings_fingerprint", "")), "features_settings": settings}
-    return CaptionData(manifest, vocab, encoder, feats, valid, labels, lengths, caption_image, image_split, fingerprints)
+    return CaptionData(manifest, vocab, encoder, feats, valid, labels, lengths, caption_image, image_split, fingerprints,
+                       None if captions else cache_dir)
 
 
 def check_finite_features(feats: torch.Tensor, valid: torch.Tensor, path: Path, cache_dir: Path) -> None:

@@ -76,10 +76,19 @@ class CaptionDecoder(nn.Module):
         self.register_buffer("feature_std", torch.ones(cfg.feature_dim))
 
     @torch.no_grad()
-    def fit_feature_stats(self, features: torch.Tensor) -> None:
-        """features (N, D) of the training images -> mean/std buffers (std floored to stay finite)."""
-        x = features.double()
-        mean, std = x.mean(0), x.std(0) if len(x) > 1 else torch.ones_like(x[0])
+    def fit_feature_stats(self, features: torch.Tensor, rows: torch.Tensor | None = None, block: int = 8192) -> None:
+        """features (N, D) (or its `rows`: the training images) -> mean/std buffers (std floored to stay finite).
+
+        Two passes in float64 over `block` rows at a time: a COCO cache's 113k x 2048 training features
+        would otherwise be copied whole into every rank, once as float16 and once as float64 (2.3 GB)."""
+        rows = torch.arange(len(features)) if rows is None else rows
+        n = len(rows)
+        blocks = torch.split(rows, block)
+        mean = sum(features[b].double().sum(0) for b in blocks) / n  # (D,)
+        if n > 1:
+            std = (sum(((features[b].double() - mean) ** 2).sum(0) for b in blocks) / (n - 1)).sqrt()
+        else:
+            std = torch.ones_like(mean)
         self.feature_mean.copy_(mean.float())
         self.feature_std.copy_(std.clamp_min(1e-6 * float(std.max()) + 1e-12).float())
 
@@ -133,9 +142,9 @@ def teacher_forcing(words: torch.Tensor, n: torch.Tensor, start_id: int, end_id:
     words (B, L) word ids padded with 0; n (B,) word counts. Inputs are <start> w1..wn, targets
     w1..wn <end>, both (B, max(n)+1).
     """
-    n, order = n.sort(descending=True)
+    n, order = n.long().sort(descending=True)  # the cache holds compact ints (int16/int32): int64 per batch
     t = int(n[0]) + 1
-    words = words[order, : t - 1]  # (B, T-1)
+    words = words[order, : t - 1].long()  # (B, T-1)
     b = words.shape[0]
     start = torch.full((b, 1), start_id, dtype=words.dtype, device=words.device)
     inputs = torch.cat([start, words], 1)  # (B, T)

@@ -44,3 +44,5 @@ class ExtractConfig(Settings):
     amp: str = setting("auto", "Autocast precision on CUDA (auto: bf16 where supported). Ignored on CPU.",
                        choices=AMP_CHOICES)
     dist_timeout: float = setting(DIST_TIMEOUT_MINUTES, DIST_TIMEOUT_HELP, min=0, min_open=True)
+    gpu_decode: bool = setting(True, "On CUDA, decode baseline JPEGs on the GPU (nvJPEG, batched) and resize/crop "
+                               "there; other files go through PIL. No effect on the CPU.")

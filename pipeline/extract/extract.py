@@ -50,7 +50,7 @@ from pipeline.core.manifest import Manifest, load_manifest
 from pipeline.core.runtime import autocast, choose_device, default_workers
 from pipeline.extract.changes import STAT_KEYS, changed_rows, image_stats, read_stats
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.encoder import build_encoder, make_spec
+from pipeline.extract.encoder import build_encoder, make_spec, set_layout
 from pipeline.extract.images import ImageFiles, Preprocess, collate
 
 NP_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -167,7 +167,7 @@ def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = 
     if mine:
         computed = _compute(manifest, spec, preprocess, mine, parts_dir, dtype, dev, batch_size,
                             default_workers(dev) if cfg.workers is None else cfg.workers, cfg.amp,
-                            progress and dist.is_main, cfg.verify)
+                            progress and dist.is_main, cfg.verify, gpu_decode=cfg.gpu_decode)
     seconds = time.perf_counter() - started
     done = dist.all_gather((computed, seconds))  # also the barrier: every part is written before rank 0 joins them
 
@@ -284,15 +284,21 @@ def _seed_parts(out: Path, parts_dir: Path, chunks: list, redo: np.ndarray, now:
 
 
 def encode_images(encoder: torch.nn.Module, paths: list[str], preprocess: Preprocess, batches: list[list[int]],
-                  device: torch.device, workers: int, amp: str = "auto"):
+                  device: torch.device, workers: int, amp: str = "auto", gpu_decode: bool = False):
     """Decode `paths` in DataLoader workers and run `encoder` over them, batch by batch.
 
     Yields (rows (B,) int64 numpy, features (B, D) float32 numpy, errors [str]); rows that failed to
-    decode carry zeros and their reason. Shared by `extract` and `caption`.
+    decode carry zeros and their reason. Shared by `extract` and `caption`. With `gpu_decode` on CUDA,
+    the workers only read JPEG bytes and the GPU decodes them (see gpu_decode).
     """
-    loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, preprocess), batch_sampler=batches, num_workers=workers, collate_fn=collate,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None)
+    if gpu_decode and device.type == "cuda":
+        from pipeline.extract.gpu_decode import gpu_batches
+
+        loader = gpu_batches(paths, preprocess, batches, device, workers)
+    else:
+        loader = torch.utils.data.DataLoader(
+            ImageFiles(paths, preprocess), batch_sampler=batches, num_workers=workers, collate_fn=collate,
+            pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None)
     with torch.inference_mode(), autocast(device, amp):
         for rows, images, errs in loader:
             images = images.to(device, non_blocking=True)  # (B, 3, S, S) uint8
@@ -306,16 +312,15 @@ def encode_images(encoder: torch.nn.Module, paths: list[str], preprocess: Prepro
 
 
 def load_encoder(spec: EncoderSpec, device: torch.device, weights_file=None) -> torch.nn.Module:
-    encoder = build_encoder(spec, weights_file).to(device)
+    encoder = set_layout(build_encoder(spec, weights_file).to(device), channels_last=True)  # why: Encoder's doc
     if device.type == "cuda":
-        encoder = encoder.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     return encoder
 
 
 def _compute(manifest: Manifest, spec: EncoderSpec, preprocess: Preprocess, pending: list, parts_dir: Path,
              dtype: str, dev: torch.device, batch_size: int, workers: int, amp: str, progress: bool,
-             verify: str = "stat") -> int:
+             verify: str = "stat", gpu_decode: bool = False) -> int:
     encoder = load_encoder(spec, dev)
     # Batches are cut inside each chunk, so resuming reproduces the uninterrupted run's batches.
     batches = [list(range(b, min(b + batch_size, e))) for _, s, e in pending for b in range(s, e, batch_size)]
@@ -329,7 +334,7 @@ def _compute(manifest: Manifest, spec: EncoderSpec, preprocess: Preprocess, pend
     chunks = iter(pending)
     k, s, e = next(chunks)
     feats, errors = np.zeros((e - s, spec.feature_dim), dtype=np_dtype), [""] * (e - s)
-    for rows, out, errs in encode_images(encoder, paths, preprocess, batches, dev, workers, amp):
+    for rows, out, errs in encode_images(encoder, paths, preprocess, batches, dev, workers, amp, gpu_decode):
         check_storable(out, dtype, spec.arch, [paths[r] for r in rows])
         feats[rows - s] = out.astype(np_dtype)
         for j, err in zip(rows - s, errs):

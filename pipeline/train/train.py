@@ -318,7 +318,7 @@ def setup(cache_dir: str | os.PathLike, out: Path, metrics_dir: Path, cfg: Train
     device = choose_device(cfg.device, dist.local_rank if dist.enabled else None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    data = load_cache(cache_dir)
+    data = load_cache(cache_dir, captions=False)  # raw captions: only rank 0's validation references, below
     train_rows = data.caption_rows("train")
     if len(train_rows) == 0:
         raise PipelineError(f"{cache_dir} has no training captions with a valid image: check `pipeline prepare`'s summary")
@@ -328,9 +328,10 @@ def setup(cache_dir: str | os.PathLike, out: Path, metrics_dir: Path, cfg: Train
     model_cfg = ModelConfig.of(cfg, data.encoder.feature_dim, len(data.vocab))
     torch.manual_seed(cfg.seed)
     model = CaptionDecoder(model_cfg)
-    model.fit_feature_stats(data.features[data.image_rows("train")])  # a resume overwrites these with the saved ones
+    model.fit_feature_stats(data.features, data.image_rows("train"))  # a resume overwrites these with the saved ones
     trainer = Trainer(model, cfg, device, ddp=dist.enabled)
-    return Run(cfg, data, model_cfg, trainer, device, dist, train_rows, val_images, data.references(val_images),
+    return Run(cfg, data, model_cfg, trainer, device, dist, train_rows, val_images,
+               data.references(val_images) if dist.is_main else {},
                out, metrics_dir, log if dist.is_main else (lambda m: None))
 
 

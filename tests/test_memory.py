@@ -1,0 +1,75 @@
+"""Training memory per rank: the features shared through one memory-mapped copy per machine, labels held
+compactly, raw captions read only where validation needs them. (Peak figures: bench/memory.py.)"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import run_extract as extract
+
+from pipeline.core import distributed
+from pipeline.core.manifest import load_manifest
+from pipeline.decoder import shared_features
+from pipeline.decoder.data import load_cache
+from pipeline.decoder.model import teacher_forcing
+
+SMALL = {"arch": "resnet18", "weights": "none", "resize": 72, "crop": 64, "workers": 0, "batch_size": 4}
+LOCAL0 = distributed.Context(rank=0, world_size=2, local_rank=0)  # no process group: barriers are no-ops
+
+
+@pytest.fixture
+def cache(prepared_cache):
+    extract(prepared_cache, **SMALL)
+    return prepared_cache
+
+
+def test_ranks_map_one_shared_copy_that_is_unlinked(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_SHM_DIR", str(tmp_path / "shm"))
+    (tmp_path / "shm").mkdir()
+    path = cache / "features.h5"
+    with h5py.File(path, "r") as f:
+        expected = f["features"][:]
+        shared = shared_features.read_features(f["features"], path, "fp", LOCAL0)
+    assert np.array_equal(shared.numpy(), expected) and shared.dtype == torch.float16
+    assert list((tmp_path / "shm").iterdir()) == []  # unlinked once every local rank had mapped it
+    assert float(shared[3].float().sum()) == float(torch.from_numpy(expected[3]).float().sum())  # still readable
+
+
+def test_a_matching_leftover_is_reused_and_a_full_shm_falls_back(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_SHM_DIR", str(tmp_path))
+    path = cache / "features.h5"
+    with h5py.File(path, "r") as f:
+        expected = f["features"][:]
+        target = shared_features.shared_path(path, "fp")
+        np.save(target, expected)  # a copy left by a run killed between writing and unlinking
+        mtime = target.stat().st_mtime_ns
+        reused = shared_features._map(target, expected.shape, expected.dtype)
+        assert reused is not None
+        other = shared_features.read_features(f["features"], path, "fp", distributed.Context(1, 2, 1))
+        assert np.array_equal(other.numpy(), expected) and target.stat().st_mtime_ns == mtime
+        monkeypatch.setattr(shared_features, "HEADROOM", 1 << 60)  # no room: every rank reads its own copy
+        target.unlink()
+        own = shared_features.read_features(f["features"], path, "fp", LOCAL0)
+    assert np.array_equal(own.numpy(), expected) and list(tmp_path.glob("pipeline-features-*")) == []
+
+
+def test_labels_compact_and_int64_per_batch(cache):
+    data = load_cache(cache)
+    assert data.labels.dtype == torch.int16 and data.lengths.dtype == torch.int16
+    assert data.caption_image.dtype == torch.int32
+    with h5py.File(cache / "labels.h5", "r") as f:
+        assert np.array_equal(data.labels.numpy(), f["labels"][:])
+    inputs, targets, lengths, _ = teacher_forcing(data.labels[:5], data.lengths[:5], 1, 2)
+    assert inputs.dtype == targets.dtype == lengths.dtype == torch.int64
+
+
+def test_raw_captions_only_where_used(cache):
+    full, lean = load_cache(cache), load_cache(cache, captions=False)
+    assert all(not r.captions for r in lean.manifest.images)
+    rows = full.image_rows("val")
+    assert len(rows) and lean.references(rows) == full.references(rows)
+    some = load_manifest(cache, captions={0})
+    assert some.images[0].captions == full.manifest.images[0].captions and not some.images[1].captions
+    assert some.fingerprint == full.manifest.fingerprint
