@@ -38,6 +38,7 @@ N = 4  # n-gram orders 1..N
 SIGMA = 6.0  # CIDEr-D's length penalty width
 DF_NAME = "cider_df.npz"
 DF_FORMAT = 1  # bump when the file's meaning changes, so old files are rebuilt
+EMPTY = np.iinfo(np.int64).max  # n-gram matrices hold it where there is no n-gram: sorts after every key
 
 
 def _np(x) -> np.ndarray:
@@ -50,40 +51,42 @@ def _np(x) -> np.ndarray:
 def check_vocab_size(vocab_size: int, n: int = N) -> int:
     """The key base (vocab_size + 1); refuses vocabularies whose n-gram keys would overflow int64."""
     base = int(vocab_size) + 1
-    if vocab_size < 1 or base ** n >= 2 ** 63:
-        raise ValueError(f"vocab_size {vocab_size} is out of range: {n}-gram keys need (V+1)^{n} < 2^63")
+    if vocab_size < 1 or base ** n >= 2 ** 63 - 1:
+        raise ValueError(f"vocab_size {vocab_size} is out of range: {n}-gram keys need (V+1)^{n} < 2^63 - 1")
     return base
 
 
-def ngram_keys(tokens, lengths, vocab_size: int, n: int = N) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every n-gram occurrence of orders 1..n in the rows -> (row, key, order), each (E,).
+def ngram_matrix(tokens, lengths, vocab_size: int, n: int = N) -> np.ndarray:
+    """The keys of all n-grams of orders 1..n of each row -> (R, W) int64, EMPTY where there is none.
 
     tokens (R, T) ids in [0, vocab_size); only the first lengths[r] tokens of row r count. An
     n-gram w1..wk is the base-(V+1) number with digits w1+1 .. wk+1: no digit is 0, so keys are
-    exact (no hashing collisions) and orders never share a key. order is k-1 (int8).
+    exact (no hashing collisions) and n-grams of different orders never share a key.
+    W = sum over k of (T - k + 1).
     """
     tokens = _np(tokens).astype(np.int64, copy=False)  # (R, T)
     lengths = _np(lengths).astype(np.int64, copy=False)  # (R,)
     base = check_vocab_size(vocab_size, n)
     R, T = tokens.shape
-    in_caption = np.arange(T) < lengths[:, None]  # (R, T)
-    used = tokens[in_caption]
+    if len(lengths) != R or (R and (lengths.min() < 0 or lengths.max() > T)):
+        raise ValueError(f"lengths must be one per row, each in 0..{T}")
+    used = tokens[np.arange(T) < lengths[:, None]]
     if used.size and (used.min() < 0 or used.max() >= vocab_size):
         raise ValueError(f"token ids must lie in [0, {vocab_size}), got {used.min()}..{used.max()}")
     digits = tokens + 1  # (R, T)
-    rows, keys, orders = [], [], []
+    blocks = [np.full((R, 0), EMPTY, dtype=np.int64)]
     key = np.zeros((R, T), dtype=np.int64)
     for k in range(1, min(n, T) + 1):
         m = T - k + 1
         key = key[:, :m] * base + digits[:, k - 1:k - 1 + m]  # (R, m): key[:, i] is tokens[i:i+k]
-        valid = np.arange(m) + k <= lengths[:, None]  # (R, m) the k-gram ends inside the caption
-        r, _ = np.nonzero(valid)
-        rows.append(r)
-        keys.append(key[valid])
-        orders.append(np.full(len(r), k - 1, dtype=np.int8))
-    if not rows:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int8)
-    return np.concatenate(rows), np.concatenate(keys), np.concatenate(orders)
+        blocks.append(np.where(np.arange(m) + k <= lengths[:, None], key, EMPTY))  # the k-gram ends in the caption
+    return np.concatenate(blocks, axis=1)  # (R, W)
+
+
+def ngram_order(keys: np.ndarray, vocab_size: int, n: int = N) -> np.ndarray:
+    """keys (Q,) -> (Q,) int64 order index k-1 of each n-gram (a k-gram's key has k base-(V+1) digits)."""
+    base = check_vocab_size(vocab_size, n)
+    return np.searchsorted(np.array([base ** k for k in range(1, n)], dtype=np.int64), keys, side="right")
 
 
 def _unique_counts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,20 +102,26 @@ def _unique_counts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s[starts], np.diff(np.append(starts, len(s)))
 
 
-def count_ngrams(tokens, lengths, vocab_size: int, n: int = N):
-    """Distinct (row, n-gram) pairs with their term frequency -> (row, key, order, tf), each (P,).
+def _runs(sorted_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows sorted along axis 1 (EMPTY last) -> the distinct keys of each row.
 
-    Also returns the batch's distinct keys `uniq` (U,) sorted, and `u` (P,) the index of each
-    pair's key in it, so per-key look-ups (idf, reference ids) run once per distinct key.
-    Pairs come sorted by row, then by key.
+    Returns (row, col) of each distinct key's first occurrence (row-major, so sorted by row then
+    key), `valid` (R, W) where a key is, and `run` the index of each valid entry's distinct key.
+    Sorting each short row is ~10x faster than one global sort of all the keys.
     """
-    rows, keys, orders = ngram_keys(tokens, lengths, vocab_size, n)
-    uniq, inv = np.unique(keys, return_inverse=True)  # (U,), (E,)
-    order_of = np.zeros(len(uniq), dtype=np.int8)
-    order_of[inv] = orders
-    pair, tf = _unique_counts(rows * max(len(uniq), 1) + inv)  # (P,) sorted (row, key)
-    row, u = np.divmod(pair, max(len(uniq), 1))
-    return row, uniq[u], order_of[u], tf, uniq, u
+    valid = sorted_rows != EMPTY  # (R, W)
+    new = valid.copy()
+    new[:, 1:] &= sorted_rows[:, 1:] != sorted_rows[:, :-1]
+    row, col = np.nonzero(new)
+    run = np.cumsum(new.ravel())[valid.ravel()] - 1  # (E,)
+    return row, col, valid, run
+
+
+def count_ngrams(tokens, lengths, vocab_size: int, n: int = N) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct (row, n-gram) pairs with their term frequency -> (row, key, tf), each (P,), sorted by row then key."""
+    keys = np.sort(ngram_matrix(tokens, lengths, vocab_size, n), axis=1)  # (R, W)
+    row, col, _, run = _runs(keys)
+    return row, keys[row, col], np.bincount(run, minlength=len(row))
 
 
 def with_end(labels, lengths, end_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +140,7 @@ def with_end(labels, lengths, end_id: int) -> tuple[np.ndarray, np.ndarray]:
 class DocFreq:
     """Document frequencies of the reference n-grams: in how many images' references each occurs."""
 
-    keys: np.ndarray  # (G,) int64 sorted n-gram keys (see ngram_keys)
+    keys: np.ndarray  # (G,) int64 sorted n-gram keys (see ngram_matrix)
     df: np.ndarray  # (G,) int64 number of images whose references contain the n-gram
     ref_len: float  # log(number of images): CIDEr-D's log corpus size
     n_images: int
@@ -167,18 +176,70 @@ class DocFreq:
                        n_images=int(z["n_images"]), vocab_size=int(z["vocab_size"]), fingerprint=str(z["fingerprint"]))
 
 
+@dataclass
+class _References:
+    """Reference captions grouped by image: ref r is slot slot[r] of image images[r]."""
+
+    tokens: np.ndarray  # (R, T)
+    lengths: np.ndarray  # (R,)
+    images: np.ndarray  # (R,) image index of each reference
+    order: np.ndarray  # (R,) the references sorted by image (stable)
+    image_ids: np.ndarray  # (I,) the distinct images, ascending
+    n_refs: np.ndarray  # (I,) references per image
+    slot: np.ndarray  # (R,) rank of each reference within its image
+
+    @classmethod
+    def group(cls, tokens, lengths, images) -> "_References":
+        tokens, lengths = _np(tokens).astype(np.int64, copy=False), _np(lengths).astype(np.int64, copy=False)
+        images = _np(images).astype(np.int64, copy=False)
+        if len(images) and images.min() < 0:
+            raise ValueError("image indices must be >= 0")
+        order = np.argsort(images, kind="stable")
+        image_ids, n_refs = _unique_counts(images)
+        slot = np.empty(len(images), dtype=np.int64)
+        slot[order] = np.arange(len(order)) - np.repeat(np.cumsum(n_refs) - n_refs, n_refs)
+        return cls(tokens, lengths, images, order, image_ids, n_refs, slot)
+
+    @property
+    def max_refs(self) -> int:
+        return max(int(self.n_refs.max(initial=0)), 1)
+
+    def table(self, vocab_size: int, chunk: int = 4096):
+        """Yield, per chunk of images, the distinct (image, n-gram) entries of their references:
+        (image (Q,), key (Q,), tf (Q, S) the n-gram's count in each reference slot), sorted by image then key.
+
+        Chunks bound the memory (a chunk's n-gram matrix is chunk * S * W int64s); within a chunk
+        each image's references are sorted as one row.
+        """
+        S, first = self.max_refs, np.cumsum(self.n_refs) - self.n_refs  # first: position in `order`
+        tf_type = np.uint8 if self.tokens.shape[1] < 256 else np.uint16
+        for c in range(0, len(self.image_ids), chunk):
+            n_img = len(self.image_ids[c:c + chunk])
+            rows = self.order[first[c]:first[c] + self.n_refs[c:c + chunk].sum()]  # the chunk's references
+            keys = ngram_matrix(self.tokens[rows], self.lengths[rows], vocab_size)  # (r, W)
+            W = keys.shape[1]
+            grid = np.full((n_img, S, W), EMPTY, dtype=np.int64)
+            grid[np.repeat(np.arange(n_img), self.n_refs[c:c + chunk]), self.slot[rows]] = keys
+            grid = grid.reshape(n_img, S * W)  # one row per image: all its references' n-grams
+            by_key = np.argsort(grid, axis=1)
+            grid = np.take_along_axis(grid, by_key, axis=1)
+            local, col, valid, run = _runs(grid)  # (Q,), (Q,), (n_img, S*W), (E,)
+            slot = (by_key // W)[valid]  # (E,) the reference slot of each occurrence
+            tf = np.bincount(run * S + slot, minlength=len(local) * S).reshape(len(local), S)
+            yield self.image_ids[c:c + chunk][local], grid[local, col], tf.astype(tf_type)
+
+
 def build_doc_freq(tokens, lengths, images, vocab_size: int, fingerprint: str = "") -> DocFreq:
     """Reference rows (R, T) with lengths (R,) and their image (R,) -> DocFreq over those images.
 
     An image counts once per n-gram however many of its references contain it (the df of
     pycocoevalcap's compute_doc_freq).
     """
-    images = _np(images).astype(np.int64)
-    row, _, _, _, uniq, u = count_ngrams(tokens, lengths, vocab_size)
-    per_image, _ = _unique_counts(images[row] * max(len(uniq), 1) + u)  # (I,) distinct (image, key)
-    df = np.bincount(per_image % max(len(uniq), 1), minlength=len(uniq))  # (U,)
-    n_images = len(_unique_counts(images)[0])
-    return DocFreq(keys=uniq, df=df.astype(np.int64), ref_len=float(np.log(float(n_images))), n_images=n_images,
+    refs = _References.group(tokens, lengths, images)
+    keys = [key for _, key, _ in refs.table(vocab_size)]  # distinct per image
+    keys, df = _unique_counts(np.concatenate(keys) if keys else np.zeros(0, np.int64))
+    n_images = len(refs.image_ids)
+    return DocFreq(keys=keys, df=df.astype(np.int64), ref_len=float(np.log(float(n_images))), n_images=n_images,
                    vocab_size=int(vocab_size), fingerprint=fingerprint)
 
 
@@ -223,14 +284,21 @@ def load_or_build_df(cache_dir: str | Path, data) -> DocFreq:
     return df
 
 
+def _ranges(start: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """Concatenated aranges start[i]..stop[i]-1, vectorised."""
+    n = stop - start  # (I,)
+    return np.arange(n.sum()) + np.repeat(start - (np.cumsum(n) - n), n)
+
+
 class CiderD:
     """CIDEr-D of candidate id sequences against fixed per-image references, a batch at a time.
 
-    The references' n-grams, tf-idf norms and lengths are computed once here; score() then only
-    counts the candidates' n-grams and matches them to their image's references with searchsorted.
+    The references' n-grams, tf-idf norms and lengths are computed once here. score() counts the
+    candidates' n-grams, gathers the entries of the batch's images only, and matches the two with
+    searchsorted on small sorted arrays.
 
-    Storage: one entry per distinct (image, n-gram) with the n-gram's count in each reference slot,
-    about (8 + max_refs) bytes per entry (~0.2 GB for COCO's training split).
+    Storage: one entry per distinct (image, n-gram), its int64 key and its count in each reference
+    slot: (8 + max refs per image) bytes an entry, about 0.2 GB for COCO's training split.
     """
 
     def __init__(self, doc_freq: DocFreq, ref_tokens, ref_lengths, ref_images, sigma: float = SIGMA):
@@ -238,36 +306,42 @@ class CiderD:
         ref_images (R,) a non-negative image index per reference (e.g. the manifest row); score()'s
         `images` use the same indices."""
         self.df, self.sigma, self.vocab_size = doc_freq, float(sigma), doc_freq.vocab_size
-        ref_images = _np(ref_images).astype(np.int64)  # (R,)
-        ref_lengths = _np(ref_lengths).astype(np.int64)  # (R,)
-        n_img = int(ref_images.max()) + 1 if len(ref_images) else 0
-        self.n_refs = np.bincount(ref_images, minlength=n_img)  # (N,)
-        S = max(int(self.n_refs.max(initial=0)), 1)
-        order = np.argsort(ref_images, kind="stable")  # refs grouped by image
-        first = np.cumsum(self.n_refs) - self.n_refs  # (N,) first position of each image in `order`
-        slot = np.empty(len(ref_images), dtype=np.int64)
-        slot[order] = np.arange(len(order)) - first[ref_images[order]]  # (R,) rank of the ref in its image
-
-        row, _, o, tf, uniq, u = count_ngrams(ref_tokens, ref_lengths, self.vocab_size)
-        self.gram_keys = uniq  # (G,) the references' distinct n-grams, sorted
-        self.gram_idf = doc_freq.idf(uniq)  # (G,)
-        vec = tf * self.gram_idf[u]  # (P,) tf-idf of each (ref, n-gram)
-        img, sl = ref_images[row], slot[row]
-        norm = np.bincount((img * S + sl) * N + o, weights=vec ** 2, minlength=n_img * S * N)
-        self.norm_ref = np.sqrt(norm).reshape(n_img, S, N)  # (N, S, n)
+        refs = _References.group(ref_tokens, ref_lengths, ref_images)
+        n_img, S = int(refs.image_ids.max(initial=-1)) + 1, refs.max_refs
+        self.n_refs = np.zeros(n_img, dtype=np.int64)  # (N,) references per image index
+        self.n_refs[refs.image_ids] = refs.n_refs
         self.len_ref = np.zeros((n_img, S), dtype=np.int64)  # (N, S) bigram count, as pycocoevalcap
-        self.len_ref[ref_images, slot] = np.maximum(ref_lengths - 1, 0)
-
-        G = max(len(uniq), 1)
-        self.pair_key, pair = np.unique(img * G + u, return_inverse=True)  # (Q,) sorted image*G + gram id
-        self.pair_tf = np.zeros((len(self.pair_key), S), dtype=np.min_scalar_type(int(tf.max(initial=0))))
-        self.pair_tf[pair, sl] = tf  # (Q, S) the n-gram's count in each reference slot of the image
+        self.len_ref[refs.images, refs.slot] = np.maximum(refs.lengths - 1, 0)
+        norm2 = np.zeros(n_img * S * N)  # (N*S*n,) squared tf-idf norm of each reference, per order
+        keys, tfs, entries = [], [], np.zeros(n_img + 1, dtype=np.int64)
+        for img, key, tf in refs.table(self.vocab_size):
+            uniq, u = np.unique(key, return_inverse=True)  # sorted look-ups into the df are fast, random ones not
+            vec = tf * doc_freq.idf(uniq)[u][:, None]  # (Q, S) tf-idf in each reference slot
+            cell = ((img * S)[:, None] + np.arange(S)) * N + ngram_order(key, self.vocab_size)[:, None]  # (Q, S)
+            norm2 += np.bincount(cell.ravel(), weights=(vec ** 2).ravel(), minlength=len(norm2))
+            entries += np.bincount(img + 1, minlength=n_img + 1)
+            keys.append(key)
+            tfs.append(tf)
+        self.norm_ref = np.sqrt(norm2).reshape(n_img, S, N)  # (N, S, n)
+        self.ptr = np.cumsum(entries)  # (N+1,) image i's entries are ptr[i]:ptr[i+1]
+        self.pair_key = np.concatenate(keys) if keys else np.zeros(0, np.int64)  # (Q,) sorted within each image
+        self.pair_tf = np.concatenate(tfs) if tfs else np.zeros((0, S), np.uint8)  # (Q, S)
 
     @classmethod
     def from_data(cls, doc_freq: DocFreq, data, split: str = "train", sigma: float = SIGMA) -> "CiderD":
         """References = the label rows (+ <end>) of `split`'s valid images, indexed by manifest row."""
         tokens, lengths, images = _split_references(data, split)
         return cls(doc_freq, tokens, lengths, images, sigma)
+
+    def _batch_references(self, image_ids: np.ndarray, uniq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The reference entries of images image_ids (B',) whose n-gram is in uniq (U,) sorted ->
+        (code (H,) = local image * U + index in uniq, sorted; tf (H, S))."""
+        idx = _ranges(self.ptr[image_ids], self.ptr[image_ids + 1])  # (E,) entries of these images
+        local = np.repeat(np.arange(len(image_ids)), self.ptr[image_ids + 1] - self.ptr[image_ids])  # (E,)
+        key = self.pair_key[idx]
+        pos = np.searchsorted(uniq, key).clip(max=max(len(uniq) - 1, 0))  # (E,)
+        used = uniq[pos] == key if len(uniq) else np.zeros(len(key), bool)  # n-grams some candidate has
+        return local[used] * len(uniq) + pos[used], self.pair_tf[idx[used]]
 
     def score(self, tokens, lengths, images) -> np.ndarray:
         """CIDEr-D of each candidate -> (C,) float64.
@@ -277,26 +351,26 @@ class CiderD:
         """
         images = _np(images).astype(np.int64)  # (C,)
         lengths = _np(lengths).astype(np.int64)  # (C,)
-        C, S, G = len(images), self.pair_tf.shape[1], max(len(self.gram_keys), 1)
+        C, S = len(images), self.pair_tf.shape[1]
         if C and (images.min() < 0 or images.max() >= len(self.n_refs) or (self.n_refs[images] == 0).any()):
             raise ValueError("some candidates' images have no references in this scorer")
-        row, _, o, tf, uniq, u = count_ngrams(tokens, lengths, self.vocab_size)
-        vec = tf * self.df.idf(uniq)[u]  # (P,) candidate tf-idf
-        norm = np.sqrt(np.bincount(row * N + o, weights=vec ** 2, minlength=C * N)).reshape(C, N)  # (C, n)
+        row, key, tf = count_ngrams(tokens, lengths, self.vocab_size)  # (P,) distinct per candidate
+        uniq, u = np.unique(key, return_inverse=True)  # (U,), (P,)
+        idf = self.df.idf(uniq)  # (U,)
+        vec = tf * idf[u]  # (P,) candidate tf-idf
+        cell = row * N + ngram_order(uniq, self.vocab_size)[u]  # (P,) index into (C, n)
+        norm = np.sqrt(np.bincount(cell, weights=vec ** 2, minlength=C * N)).reshape(C, N)  # (C, n)
 
-        # match each candidate n-gram to the same n-gram in its image's references
-        g = np.searchsorted(self.gram_keys, uniq).clip(max=G - 1)  # (U,) gram id if present
-        in_refs = (self.gram_keys[g] == uniq)[u] if len(self.gram_keys) else np.zeros(len(u), bool)  # (P,)
-        row, o, vec, gid = row[in_refs], o[in_refs], vec[in_refs], g[u[in_refs]]
-        q = images[row] * G + gid  # (H,) the (image, n-gram) entry to look for
-        pos = np.searchsorted(self.pair_key, q).clip(max=max(len(self.pair_key) - 1, 0))  # (H,)
-        hit = self.pair_key[pos] == q if len(self.pair_key) else np.zeros(len(q), bool)
-        row, o, vec, gid, pos = row[hit], o[hit], vec[hit], gid[hit], pos[hit]
-        vec_ref = self.pair_tf[pos] * self.gram_idf[gid][:, None]  # (H, S) reference tf-idf per slot
-        clipped = np.minimum(vec[:, None], vec_ref) * vec_ref  # (H, S)
-        cell = ((row * N + o)[:, None] * S + np.arange(S)).ravel()  # (H*S,) index into (C, n, S)
-        dot = np.bincount(cell, weights=clipped.ravel(), minlength=C * N * S).reshape(C, N, S)
-        dot = dot.transpose(0, 2, 1)  # (C, S, n)
+        # match each candidate n-gram with the same n-gram in its image's references
+        image_ids, local = np.unique(images, return_inverse=True)  # (B',), (C,)
+        ref_code, ref_tf = self._batch_references(image_ids, uniq)  # (H,), (H, S)
+        code = local[row] * len(uniq) + u  # (P,)
+        j = np.searchsorted(ref_code, code).clip(max=max(len(ref_code) - 1, 0))
+        hit = ref_code[j] == code if len(ref_code) else np.zeros(len(code), bool)
+        vec_ref = ref_tf[j[hit]] * idf[u[hit]][:, None]  # (H', S) reference tf-idf per slot
+        clipped = np.minimum(vec[hit][:, None], vec_ref) * vec_ref  # (H', S)
+        dot = np.bincount((cell[hit][:, None] * S + np.arange(S)).ravel(), weights=clipped.ravel(),
+                          minlength=C * N * S).reshape(C, N, S).transpose(0, 2, 1)  # (C, S, n)
 
         den = norm[:, None, :] * self.norm_ref[images]  # (C, S, n)
         val = np.where(den > 0, dot / np.where(den > 0, den, 1.0), dot)  # (C, S, n)
@@ -399,8 +473,8 @@ def benchmark(n_images: int = 128, k: int = 5, refs: int = 5, vocab_size: int = 
     cand_text = ids_to_text(cand_t, cand_n)
     ref_text = [ids_to_text(ref_t[ref_i == i], ref_n[ref_i == i]) for i in range(n_images)]
     refs_per_cand = [ref_text[i] for i in cand_i]
-    needed = np.unique(np.concatenate([ngram_keys(cand_t, cand_n, vocab_size)[1],
-                                       ngram_keys(ref_t[:n_images * refs], ref_n[:n_images * refs], vocab_size)[1]]))
+    needed = np.unique(np.concatenate([count_ngrams(cand_t, cand_n, vocab_size)[1],
+                                       count_ngrams(ref_t[:n_images * refs], ref_n[:n_images * refs], vocab_size)[1]]))
     df_needed = dict(zip(map(_key_to_tuple(vocab_size), needed.tolist()),
                          df.counts(needed).tolist()))
     s = time.perf_counter()
