@@ -11,9 +11,13 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 from pipeline.core.vocab import SPECIALS, Vocabulary
 from pipeline.decoder.data import CaptionData
+from pipeline.decoder.decode import greedy_decode
+from pipeline.decoder.model import CaptionDecoder, ModelConfig
 from pipeline.scst import cider
 from pipeline.scst.cider import (DF_NAME, CiderD, DocFreq, build_doc_freq, ids_to_text, load_or_build_df,
                                  pycoco_cider_d, with_end)
+from pipeline.scst.sample import (greedy_baseline, greedy_captions, leave_one_out_baseline, sample_captions,
+                                  scst_loss, sequence_logprobs)
 
 PAD, START, END, UNK = 0, 1, 2, 3
 V = 20  # few words, so captions repeat words and n-grams (clipping and df > 1 get exercised)
@@ -157,3 +161,110 @@ def test_document_frequencies_round_trip_as_plain_data_and_follow_the_train_labe
     path.write_bytes(b"not a zip file")  # a broken file is rebuilt, not trusted
     np.testing.assert_array_equal(load_or_build_df(tmp_path, data).df, rebuilt.df)
     assert DocFreq.load(path).fingerprint == rebuilt.fingerprint
+
+
+# ---- sampling, baselines, loss ----
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops run much faster on one thread than with two threads on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_decoder(seed: int = 0, banned_bias: float = 0.0, end_bias: float = 0.0) -> CaptionDecoder:
+    """A random 12-word CaptionDecoder; banned_bias pushes <pad>/<start>/<unk> up, end_bias moves <end>."""
+    torch.manual_seed(seed)
+    model = CaptionDecoder(ModelConfig(feature_dim=6, vocab_size=12, embed_size=8, hidden_size=16))
+    with torch.no_grad():
+        model.out.weight.mul_(4.0)  # peakier distributions than the default init, so samples differ by image
+        model.out.bias[[PAD, START, UNK]] += banned_bias
+        model.out.bias[END] += end_bias
+    return model
+
+
+def test_sampling_respects_banned_ids_and_makes_well_formed_rows():
+    model = tiny_decoder(banned_bias=50.0)  # unmasked, the banned ids would win nearly every draw
+    features = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    k, max_length = 4, 6
+    s = sample_captions(model, features, k, max_length, START, END, banned_ids=(PAD, START, UNK),
+                        generator=torch.Generator().manual_seed(1))
+    N, T = s.tokens.shape
+    assert N == 64 and T <= max_length and s.logprobs.shape == s.mask.shape == (N, T)
+    assert not torch.isin(s.tokens, torch.tensor([PAD, START, UNK])).any()
+    assert (s.mask[:, 1:] <= s.mask[:, :-1]).all()  # real positions form a prefix
+    assert torch.equal(s.lengths, s.mask.sum(1))
+    assert (s.tokens[~s.mask] == END).all() and (s.logprobs[~s.mask] == 0).all()
+    assert torch.isfinite(s.logprobs[s.mask]).all() and (s.logprobs[s.mask] < 0).all()
+    ends = ((s.tokens == END) & s.mask).sum(1)  # (N,) <end> among the real tokens
+    ended = ends == 1
+    assert (ends <= 1).all() and ended.any() and (~ended).any()  # both kinds occur at this seed
+    assert (s.tokens[ended, s.lengths[ended] - 1] == END).all()  # <end> is the last real token
+    assert (s.lengths[~ended] == max_length).all()  # no <end>: cut at max_length words
+    assert s.logprobs.requires_grad
+
+    # image-major rows: re-scoring each row with its image's features gives the same log-probs
+    again = sequence_logprobs(model, features.repeat_interleave(k, 0), s.tokens, s.mask, START, (PAD, START, UNK))
+    torch.testing.assert_close(again, s.logprobs, rtol=0, atol=1e-5)
+    same = sample_captions(model, features, k, max_length, START, END, (PAD, START, UNK),
+                           generator=torch.Generator().manual_seed(1))
+    assert torch.equal(same.tokens, s.tokens)  # the generator makes sampling reproducible
+
+
+def test_leave_one_out_and_greedy_baselines():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 60.0])  # 2 images x 3 samples
+    # image 0: (2+3)/2, (1+3)/2, (1+2)/2; image 1: (20+60)/2, (10+60)/2, (10+20)/2
+    expected = torch.tensor([2.5, 2.0, 1.5, 40.0, 35.0, 15.0])
+    torch.testing.assert_close(leave_one_out_baseline(rewards, 3), expected)
+    with pytest.raises(ValueError):
+        leave_one_out_baseline(rewards, 1)
+    torch.testing.assert_close(greedy_baseline(torch.tensor([0.5, 0.7]), 3),
+                               torch.tensor([0.5, 0.5, 0.5, 0.7, 0.7, 0.7]))
+
+
+def test_greedy_captions_match_greedy_decode_in_the_sample_format():
+    model = tiny_decoder(end_bias=1.0)
+    model.train()
+    features = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
+    tokens, lengths = greedy_captions(model, features, 5, START, END, (PAD, START, UNK))
+    assert model.training  # the mode is restored
+    hyps = greedy_decode(model.eval(), features, 5, START, END, (PAD, START, UNK))
+    assert any(h.ended for h in hyps) and tokens.shape == (8, 5)
+    for h, row, n in zip(hyps, tokens.tolist(), lengths.tolist()):
+        assert row[:n] == h.tokens + [END] * h.ended and all(t == END for t in row[n:])
+
+
+def test_scst_loss_is_advantage_weighted_and_normalised_by_tokens():
+    logprobs = torch.tensor([[-1.0, -2.0], [-3.0, -9.0]], requires_grad=True)
+    mask = torch.tensor([[True, True], [True, False]])  # 3 real tokens; -9 is past the end
+    rewards = torch.tensor([1.0, 0.0], requires_grad=True)
+    baseline = torch.tensor([0.25, 0.25])
+    loss = scst_loss(logprobs, mask, rewards, baseline)
+    # -(0.75 * (-1 - 2) + (-0.25) * (-3)) / 3 = -(-2.25 + 0.75) / 3
+    assert loss.item() == pytest.approx(0.5)
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-0.25, -0.25], [1 / 12, 0.0]]))
+    assert rewards.grad is None  # the advantage is a constant
+
+
+def test_one_scst_step_raises_the_log_probability_of_the_best_sample():
+    model = tiny_decoder(end_bias=-1.0)
+    features = torch.randn(1, 6, generator=torch.Generator().manual_seed(4))
+    banned = (PAD, START, UNK)
+    s = sample_captions(model, features, 4, 6, START, END, banned, generator=torch.Generator().manual_seed(5))
+    assert len({tuple(t[m].tolist()) for t, m in zip(s.tokens, s.mask)}) == 4  # four different captions
+    rewards = torch.tensor([0.2, 1.5, 0.1, 0.3])  # sample 1 beats its siblings
+
+    def score() -> torch.Tensor:
+        with torch.no_grad():
+            return sequence_logprobs(model, features.expand(4, -1), s.tokens, s.mask, START, banned).sum(1)
+
+    before = score()
+    torch.testing.assert_close(before, s.logprobs.detach().sum(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    scst_loss(s.logprobs, s.mask, rewards, leave_one_out_baseline(rewards, 4)).backward()
+    opt.step()
+    after = score()
+    assert after[1] > before[1]  # the winner became more likely
