@@ -78,11 +78,7 @@ def test_cider_d_equals_pycocoevalcap_with_its_own_document_frequencies(corpus):
 def test_cider_d_equals_pycocoevalcap_with_corpus_document_frequencies(corpus):
     """Several candidates per image (as SCST scores them), df and ref_len of the whole reference corpus."""
     tokens, lengths, images, texts = corpus
-    full = CiderScorer(n=4, sigma=6.0)
-    for refs in texts:
-        full += (None, refs)
-    full.compute_doc_freq()
-    corpus_df, ref_len = dict(full.document_frequency), float(np.log(float(len(texts))))
+    corpus_df, ref_len = _pycoco_df(dict(enumerate(texts)))
 
     df = build_doc_freq(tokens, lengths, images, V)
     assert len(df.keys) == len(corpus_df) and df.df.sum() == sum(corpus_df.values())
@@ -162,6 +158,31 @@ def test_document_frequencies_round_trip_as_plain_data_and_follow_the_train_labe
     np.testing.assert_array_equal(load_or_build_df(tmp_path, data).df, rebuilt.df)
     assert DocFreq.load(path).fingerprint == rebuilt.fingerprint
 
+
+
+def test_scorer_from_cache_data_uses_valid_training_captions_with_end(tmp_path):
+    data = caption_data()
+    df = load_or_build_df(tmp_path, data)
+    scorer = CiderD.from_data(df, data)
+    train = data.caption_rows("train")
+    tokens, lengths = with_end(data.labels[train], data.lengths[train], END)
+    images = data.caption_image[train].numpy()
+    texts = {i: ids_to_text(tokens[images == i], lengths[images == i]) for i in np.unique(images)}
+    ours = scorer.score(tokens, lengths, images)  # every training caption against its own image's refs
+    theirs = pycoco_cider_d(ids_to_text(tokens, lengths), [texts[i] for i in images], *_pycoco_df(texts))
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+    assert (ours > 0).all()
+    with pytest.raises(ValueError, match="no references"):
+        scorer.score(tokens[:1], lengths[:1], [6])  # the invalid training image is not a reference
+
+
+def _pycoco_df(texts: dict) -> tuple[dict, float]:
+    """pycocoevalcap's own document frequencies and ref_len over {image: reference strings}."""
+    full = CiderScorer(n=4, sigma=6.0)
+    for refs in texts.values():
+        full += (None, refs)
+    full.compute_doc_freq()
+    return dict(full.document_frequency), float(np.log(float(len(texts))))
 
 # ---- sampling, baselines, loss ----
 
