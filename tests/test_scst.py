@@ -75,8 +75,11 @@ def test_cider_d_equals_pycocoevalcap_with_its_own_document_frequencies(corpus):
     assert ours[5] == 0.0  # the empty candidate
 
 
-def test_cider_d_equals_pycocoevalcap_with_corpus_document_frequencies(corpus):
-    """Several candidates per image (as SCST scores them), df and ref_len of the whole reference corpus."""
+@pytest.mark.parametrize("chunk", [4096, 7])
+def test_cider_d_equals_pycocoevalcap_with_corpus_document_frequencies(corpus, chunk, monkeypatch):
+    """Several candidates per image (as SCST scores them), df and ref_len of the whole reference corpus;
+    with chunk 7 the references are tabulated in several chunks of images, as COCO's are."""
+    monkeypatch.setattr(cider, "CHUNK_IMAGES", chunk)
     tokens, lengths, images, texts = corpus
     corpus_df, ref_len = _pycoco_df(dict(enumerate(texts)))
 
@@ -85,7 +88,7 @@ def test_cider_d_equals_pycocoevalcap_with_corpus_document_frequencies(corpus):
     assert df.ref_len == ref_len and df.n_images == 30
 
     cand, n, cand_images = candidates(corpus, 5, seed=2)
-    keep = cand_images < 12  # a batch of 12 images x 5 samples
+    keep = np.isin(cand_images, [29, 3, 4, 17, 8, 9, 10, 11, 0, 21, 22, 14])  # a batch of 12 images x 5 samples
     cand, n, cand_images = cand[keep], n[keep], cand_images[keep]
     ours = CiderD(df, tokens, lengths, images).score(torch.from_numpy(cand), torch.from_numpy(n), cand_images)
     refs = [texts[i] for i in cand_images]

@@ -39,6 +39,7 @@ SIGMA = 6.0  # CIDEr-D's length penalty width
 DF_NAME = "cider_df.npz"
 DF_FORMAT = 1  # bump when the file's meaning changes, so old files are rebuilt
 EMPTY = np.iinfo(np.int64).max  # n-gram matrices hold it where there is no n-gram: sorts after every key
+CHUNK_IMAGES = 4096  # images whose references are sorted together when building df and scorer tables
 
 
 def _np(x) -> np.ndarray:
@@ -204,14 +205,14 @@ class _References:
     def max_refs(self) -> int:
         return max(int(self.n_refs.max(initial=0)), 1)
 
-    def table(self, vocab_size: int, chunk: int = 4096):
+    def table(self, vocab_size: int):
         """Yield, per chunk of images, the distinct (image, n-gram) entries of their references:
         (image (Q,), key (Q,), tf (Q, S) the n-gram's count in each reference slot), sorted by image then key.
 
         Chunks bound the memory (a chunk's n-gram matrix is chunk * S * W int64s); within a chunk
         each image's references are sorted as one row.
         """
-        S, first = self.max_refs, np.cumsum(self.n_refs) - self.n_refs  # first: position in `order`
+        S, first, chunk = self.max_refs, np.cumsum(self.n_refs) - self.n_refs, CHUNK_IMAGES  # first: in `order`
         tf_type = np.uint8 if self.tokens.shape[1] < 256 else np.uint16
         for c in range(0, len(self.image_ids), chunk):
             n_img = len(self.image_ids[c:c + chunk])
@@ -426,7 +427,7 @@ def synthetic_batch(n_images: int, k: int, refs: int, vocab_size: int, length: t
     that are references with some words changed (so many n-grams match), plus a reference corpus.
 
     Returns (ref_tokens (R, T), ref_lengths, ref_images, cand_tokens (n_images*k, T), cand_lengths,
-    cand_images); the candidates belong to images 0..n_images-1 of the corpus.
+    cand_images); the candidates belong to n_images random images of the corpus, as in an SCST batch.
     """
     rng = np.random.default_rng(seed)
     p = 1.0 / np.arange(1, vocab_size - 3)  # words are ids 4..V-1, the most frequent first
@@ -441,7 +442,7 @@ def synthetic_batch(n_images: int, k: int, refs: int, vocab_size: int, length: t
 
     ref_images = np.repeat(np.arange(corpus_images), refs)  # (R,)
     ref_tokens, ref_lengths = captions(len(ref_images))
-    cand_images = np.repeat(np.arange(n_images), k)  # (C,)
+    cand_images = np.repeat(rng.choice(corpus_images, size=n_images, replace=False), k)  # (C,)
     src = cand_images * refs + rng.integers(0, refs, size=len(cand_images))  # a reference of the same image
     cand_tokens, cand_lengths = ref_tokens[src].copy(), ref_lengths[src].copy()
     noise, _ = captions(len(src))
@@ -471,12 +472,12 @@ def benchmark(n_images: int = 128, k: int = 5, refs: int = 5, vocab_size: int = 
 
     # pycocoevalcap on the same candidates, with the corpus df restricted to the n-grams it will look up
     cand_text = ids_to_text(cand_t, cand_n)
-    ref_text = [ids_to_text(ref_t[ref_i == i], ref_n[ref_i == i]) for i in range(n_images)]
-    refs_per_cand = [ref_text[i] for i in cand_i]
+    batch_refs = np.isin(ref_i, cand_i)  # (R,) the references of the batch's images
+    ref_text = {i: ids_to_text(ref_t[ref_i == i], ref_n[ref_i == i]) for i in np.unique(cand_i).tolist()}
+    refs_per_cand = [ref_text[i] for i in cand_i.tolist()]
     needed = np.unique(np.concatenate([count_ngrams(cand_t, cand_n, vocab_size)[1],
-                                       count_ngrams(ref_t[:n_images * refs], ref_n[:n_images * refs], vocab_size)[1]]))
-    df_needed = dict(zip(map(_key_to_tuple(vocab_size), needed.tolist()),
-                         df.counts(needed).tolist()))
+                                       count_ngrams(ref_t[batch_refs], ref_n[batch_refs], vocab_size)[1]]))
+    df_needed = dict(zip(map(_key_to_tuple(vocab_size), needed.tolist()), df.counts(needed).tolist()))
     s = time.perf_counter()
     theirs = pycoco_cider_d(cand_text, refs_per_cand, df_needed, df.ref_len)
     t_pycoco = time.perf_counter() - s
