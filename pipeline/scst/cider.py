@@ -387,9 +387,9 @@ def pycoco_cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]
 
     The reference implementation that CiderD is tested and timed against. pycocoevalcap recomputes
     df and ref_len from the references it is given; passing the training corpus's (as SCST does)
-    needs a subclass: compute_doc_freq installs ours, and ref_len ignores compute_cider's assignment.
-    Its compute_score asserts df <= number of candidates, which corpus frequencies break, so the
-    subclass calls compute_cider itself.
+    needs a subclass: its compute_doc_freq installs the given df, and its ref_len property returns
+    the given value whatever compute_cider assigns. CiderScorer.compute_score asserts df <= number
+    of candidates, which corpus frequencies break, so this calls compute_doc_freq and compute_cider.
     """
     from pycocoevalcap.cider.cider_scorer import CiderScorer
 
