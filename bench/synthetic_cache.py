@@ -16,11 +16,11 @@ import os
 import h5py
 import numpy as np
 
+from pipeline.core.fileio import sha256_json
+from pipeline.core.manifest import ImageRecord, Manifest
 from pipeline.extract.encoder import make_spec
 from pipeline.extract.extract import cache_settings
-from pipeline.core.fileio import sha256_json
 from pipeline.extract.images import Preprocess
-from pipeline.core.manifest import ImageRecord, Manifest
 
 
 def main() -> None:

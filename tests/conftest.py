@@ -178,8 +178,33 @@ def flickr8k_dataset(tmp_path: Path) -> dict:
 @pytest.fixture
 def prepared_cache(tmp_path: Path, coco_dataset: dict) -> Path:
     """A cache dir (manifest.json, vocab.json, labels.h5) prepared from `coco_dataset` with threshold 1."""
+    out = tmp_path / "cache"
+    run_prepare("coco", coco_dataset["annotations"], coco_dataset["images"], out_dir=out, vocab_threshold=1)
+    return out
+
+
+# ---------------------------------------------------------------------- the stages with keyword settings
+def run_prepare(dataset, annotations, images, out_dir, **settings):
+    """prepare() with its PrepareConfig given as keywords, as tests write them."""
+    from pipeline.prepare.config import PrepareConfig
     from pipeline.prepare.prepare import prepare
 
-    out = tmp_path / "cache"
-    prepare("coco", coco_dataset["annotations"], coco_dataset["images"], out_dir=out, vocab_threshold=1)
-    return out
+    cfg = PrepareConfig(dataset=dataset, annotations=[str(a) for a in annotations],
+                        images=[str(i) for i in images], **settings)
+    return prepare(cfg, out_dir=out_dir)
+
+
+def run_extract(cache_dir, out=None, force=False, progress=False, **settings):
+    """extract() with its ExtractConfig given as keywords."""
+    from pipeline.extract.config import ExtractConfig
+    from pipeline.extract.extract import extract
+
+    return extract(cache_dir, ExtractConfig(**settings), out=out, force=force, progress=progress)
+
+
+def run_evaluate(checkpoint, cache_dir, out, results=None, **settings):
+    """evaluate() with its EvaluateConfig given as keywords."""
+    from pipeline.evaluate.config import EvaluateConfig
+    from pipeline.evaluate.evaluate import evaluate
+
+    return evaluate(checkpoint, cache_dir, EvaluateConfig(**settings), out=out, results=results)

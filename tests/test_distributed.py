@@ -21,8 +21,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
-from pipeline.extract.extract import extract
+from conftest import run_extract as extract
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +143,7 @@ def test_killed_rank_is_completed_by_rerunning_the_command(prepared_cache, tmp_p
 
 @pytest.fixture
 def cache(prepared_cache: Path) -> Path:
-    extract(prepared_cache, arch="resnet18", weights="none", resize=72, crop=64, batch_size=4, workers=0, progress=False)
+    extract(prepared_cache, arch="resnet18", weights="none", resize=72, crop=64, batch_size=4, workers=0)
     return prepared_cache
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from layout import stage_closures
 
 from pipeline.acquire.demo_data import make_demo_data
 
@@ -46,9 +47,9 @@ def test_repro_reruns_only_what_changed(tmp_path):
     shutil.copytree(REPO / "pipeline", proj / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
     make_demo_data(proj / "data" / "demo", n_train=16, n_val=4, n_test=4, image_size=32)
-    for section, key, value in [("vocab", "threshold", 1), ("encoder", "resize", 40), ("encoder", "crop", 32),
-                                ("encoder", "batch_size", 8), ("model", "embed_size", 16), ("model", "hidden_size", 16),
-                                ("train", "epochs", 1), ("train", "batch_size", 16), ("eval", "beam_size", 1)]:
+    for section, key, value in [("prepare", "vocab_threshold", 1), ("extract", "resize", 40), ("extract", "crop", 32),
+                                ("extract", "batch_size", 8), ("train", "embed_size", 16), ("train", "hidden_size", 16),
+                                ("train", "epochs", 1), ("train", "batch_size", 16), ("evaluate", "beam_size", 1)]:
         set_param(proj, section, key, value)
 
     assert ran(dvc(proj, "repro")) == {"prepare", "extract", "train", "evaluate"}
@@ -60,10 +61,22 @@ def test_repro_reruns_only_what_changed(tmp_path):
     assert "train:" in status and "prepare:" not in status and "extract:" not in status
     assert ran(dvc(proj, "repro")) == {"train", "evaluate"}
 
-    set_param(proj, "model", "hidden_size", 24)
+    set_param(proj, "train", "hidden_size", 24)
     assert ran(dvc(proj, "repro")) == {"train", "evaluate"}
 
-    set_param(proj, "encoder", "arch", "resnet34")
+    # touching a module makes exactly the stages that import it stale (dvc status), and nothing else
+    closures = stage_closures()
+    for module in sorted(p.relative_to(proj).as_posix() for p in (proj / "pipeline").rglob("*.py")):
+        original = (proj / module).read_bytes()
+        (proj / module).write_bytes(original + b"\n# touched\n")
+        try:
+            stale = set(re.findall(r"^(\w+):", dvc(proj, "status"), flags=re.M))
+        finally:
+            (proj / module).write_bytes(original)
+        assert stale == {s for s, files in closures.items() if module in files}, module
+    assert "up to date" in dvc(proj, "status").lower()
+
+    set_param(proj, "extract", "arch", "resnet34")
     assert ran(dvc(proj, "repro")) == {"extract", "train", "evaluate"}
 
     shown = dvc(proj, "metrics", "show")

@@ -15,15 +15,15 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
+from conftest import run_extract as extract
 from PIL import Image
 
 from pipeline.cli import main
 from pipeline.core.errors import PipelineError
-from pipeline.extract.extract import extract
-from pipeline.extract.images import Preprocess
 from pipeline.core.manifest import ImageRecord, load_manifest
+from pipeline.extract.images import Preprocess
 
-SMALL = dict(arch="resnet18", weights="none", resize=72, crop=64, batch_size=4, workers=0, progress=False)
+SMALL = dict(arch="resnet18", weights="none", resize=72, crop=64, batch_size=4, workers=0)
 
 
 def sha(path: Path) -> str:
@@ -128,8 +128,9 @@ def write_then_die(parts_dir, k, feats, errors):
     if k == 1:
         os.kill(os.getpid(), signal.SIGKILL)  # like a power cut right after chunk 1 is durable
 ex._write_part = write_then_die
-ex.extract(sys.argv[1], out=sys.argv[2], arch="resnet18", weights="none", resize=72, crop=64, batch_size=3,
-           chunk_size=5, workers=0, progress=False)
+from pipeline.extract.config import ExtractConfig
+ex.extract(sys.argv[1], ExtractConfig(arch="resnet18", weights="none", resize=72, crop=64, batch_size=3,
+           chunk_size=5, workers=0), out=sys.argv[2], progress=False)
 """
 
 

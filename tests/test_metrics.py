@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from pipeline.decoder import metrics
 from pipeline.core.errors import PipelineError
+from pipeline.decoder import metrics
 from pipeline.decoder.metrics import fast_scores, score_captions, simple_tokenize
 
 # Several distinct images: CIDEr's IDF is computed over the set, so one image would score 0.

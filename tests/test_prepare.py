@@ -9,13 +9,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import VAL_ONLY_COLOUR, make_jpeg
-from pipeline.prepare.datasets import read_coco, read_dataset, read_flickr8k, read_karpathy
+from conftest import run_prepare as prepare
+
+from pipeline.core.cache import LABELS_NAME
 from pipeline.core.errors import PipelineError
 from pipeline.core.manifest import load_manifest
-from pipeline.prepare.prepare import LABELS_NAME, prepare
 from pipeline.core.vocab import SPECIALS, Vocabulary, tokenize
+from pipeline.prepare.datasets import read_coco, read_dataset, read_flickr8k, read_karpathy
 
 # ------------------------------------------------------------------------------------------ readers
 
@@ -294,7 +295,7 @@ def test_prepare_bad_inputs_raise_pipeline_errors(coco_dataset, tmp_path):
     imgs = coco_dataset["images"]
     with pytest.raises(PipelineError, match=r"annotation file .*captions_train2015\.json not found"):
         prepare("coco", [tmp_path / "captions_train2015.json"], imgs, out_dir=tmp_path / "c")
-    with pytest.raises(PipelineError, match="unknown dataset 'imagenet'"):
+    with pytest.raises(PipelineError, match="prepare.dataset must be one of coco, karpathy, flickr8k, got 'imagenet'"):
         prepare("imagenet", coco_dataset["annotations"], imgs, out_dir=tmp_path / "c")
     with pytest.raises(PipelineError, match="max_length"):
         prepare("coco", coco_dataset["annotations"], imgs, out_dir=tmp_path / "c", max_length=0)

@@ -9,19 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import run_evaluate
+from conftest import run_extract as extract
 
-from pipeline.decoder.checkpoint import load_checkpoint
 from pipeline.cli import main
+from pipeline.core.errors import PipelineError
+from pipeline.core.vocab import Vocabulary
+from pipeline.decoder.checkpoint import load_checkpoint
 from pipeline.decoder.data import length_grouped_batches, load_cache
 from pipeline.decoder.decode import beam_search, greedy_decode
-from pipeline.core.errors import PipelineError
-from pipeline.evaluate.evaluate import evaluate
-from pipeline.extract.extract import extract
-from pipeline.decoder.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
-from pipeline.train.train import TrainConfig, train
-from pipeline.core.vocab import Vocabulary
+from pipeline.decoder.model import CaptionDecoder, ModelConfig, ModelSettings, packed_targets, teacher_forcing
+from pipeline.train.config import TrainConfig
+from pipeline.train.train import train
 
-SMALL = dict(arch="resnet18", weights="none", resize=72, crop=64, batch_size=8, workers=0, progress=False)
+SMALL = dict(arch="resnet18", weights="none", resize=72, crop=64, batch_size=8, workers=0)
 TINY_MODEL = dict(embed_size=32, hidden_size=48)
 
 
@@ -32,12 +33,12 @@ def cache(prepared_cache: Path) -> Path:
 
 
 def cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"epochs": 2, "batch_size": 8, "lr": 5e-3, "device": "cpu", **kw})
+    return TrainConfig(**{"epochs": 2, "batch_size": 8, "lr": 5e-3, "device": "cpu", **TINY_MODEL, **kw})
 
 
 def run(cache: Path, out: Path, model: dict | None = None, **kw):
-    return train(cache, out / "ckpt", out / "metrics", cfg(**kw), progress=False, log=lambda m: None,
-                 **{**TINY_MODEL, **(model or {})})
+    return train(cache, out / "ckpt", out / "metrics", cfg(**{**(model or {}), **kw}), progress=False,
+                 log=lambda m: None)
 
 
 def test_teacher_forcing_and_packing():
@@ -90,8 +91,8 @@ def test_resume_reproduces_uninterrupted_run(cache, tmp_path):
     noisy = {"dropout": 0.3, "num_layers": 2}  # dropout draws random numbers: resume must restore the RNG
     straight = run(cache, tmp_path / "a", noisy, epochs=3)
     run(cache, tmp_path / "b", noisy, epochs=1)
-    resumed = train(cache, tmp_path / "b" / "ckpt", tmp_path / "b" / "metrics", cfg(epochs=3), resume=True,
-                    progress=False, log=lambda m: None, **TINY_MODEL, **noisy)
+    resumed = train(cache, tmp_path / "b" / "ckpt", tmp_path / "b" / "metrics", cfg(epochs=3, **noisy), resume=True,
+                    progress=False, log=lambda m: None)
     a = load_checkpoint(tmp_path / "a" / "ckpt" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "b" / "ckpt" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -103,24 +104,24 @@ def test_resume_reproduces_uninterrupted_run(cache, tmp_path):
 def test_resume_with_other_model_settings_is_refused(cache, tmp_path):
     run(cache, tmp_path, epochs=1)
     with pytest.raises(PipelineError, match="other model settings"):
-        train(cache, tmp_path / "ckpt", tmp_path / "metrics", cfg(), resume=True, progress=False,
-              log=lambda m: None, embed_size=16, hidden_size=48)
+        train(cache, tmp_path / "ckpt", tmp_path / "metrics", cfg(embed_size=16), resume=True, progress=False,
+              log=lambda m: None)
 
 
 def test_blind_decoder_cannot_see_the_image(cache, tmp_path):
     """The image-blind baseline: same captions whatever the picture, recorded in the checkpoint."""
     torch.manual_seed(0)
-    model = CaptionDecoder(ModelConfig(feature_dim=10, vocab_size=12, embed_size=8, hidden_size=16, blind=True))
+    model = CaptionDecoder(ModelConfig.of(ModelSettings(embed_size=8, hidden_size=16, blind=True), 10, 12))
     model.fit_feature_stats(torch.randn(20, 10) * 3 + 1)
     a, b = model.init_state(torch.randn(4, 10)), model.init_state(torch.randn(4, 10) * 100)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     mean = model.init_state(model.feature_mean.expand(4, 10))  # the same as seeing only the mean feature
-    model.cfg = ModelConfig(feature_dim=10, vocab_size=12, embed_size=8, hidden_size=16, blind=False)
+    model.cfg = ModelConfig.of(ModelSettings(embed_size=8, hidden_size=16, blind=False), 10, 12)
     assert all(torch.allclose(x, y) for x, y in zip(mean, model.init_state(model.feature_mean.expand(4, 10))))
 
     run(cache, tmp_path, {"blind": True}, epochs=2)
     assert load_checkpoint(tmp_path / "ckpt" / "best.pt")["model_config"]["blind"] is True
-    evaluate(tmp_path / "ckpt" / "best.pt", cache, split="val", out=tmp_path / "e.json", results=tmp_path / "r.json",
+    run_evaluate(tmp_path / "ckpt" / "best.pt", cache, split="val", out=tmp_path / "e.json", results=tmp_path / "r.json",
              tokenizer="simple")
     captions = {r["caption"] for r in json.loads((tmp_path / "r.json").read_text())}
     assert len(captions) == 1  # one caption for every image: it never looked
@@ -130,9 +131,9 @@ def test_bench_blind_trains_both_ways_from_params(cache, tmp_path):
     """`pipeline --params params.yaml bench blind`: both runs take params.yaml's settings; a ratio below
     --target is a failure (one line, exit status 1)."""
     params = tmp_path / "params.yaml"
-    params.write_text("model: {embed_size: 32, hidden_size: 48, blind: false}\n"
-                      "train: {epochs: 3, batch_size: 8, lr: 0.005, device: cpu}\n"
-                      "eval: {split: val, beam_size: 2, max_length: 12, tokenizer: simple}\n")
+    params.write_text("train: {embed_size: 32, hidden_size: 48, blind: false, epochs: 3, batch_size: 8, lr: 0.005,"
+                      " device: cpu}\n"
+                      "evaluate: {split: val, beam_size: 2, max_length: 12, tokenizer: simple}\n")
     cli = CliRunner()
     out = tmp_path / "bench.json"
     r = cli.invoke(main, ["--params", str(params), "bench", "blind", "--cache-dir", str(cache), "--target", "0",
@@ -166,7 +167,7 @@ def test_bench_train_prints_figures_and_fails_below_its_targets(cache, tmp_path)
 
 def test_beam_one_equals_greedy_with_real_decoder():
     torch.manual_seed(0)
-    model = CaptionDecoder(ModelConfig(feature_dim=10, vocab_size=12, embed_size=8, hidden_size=16)).eval()
+    model = CaptionDecoder(ModelConfig.of(ModelSettings(embed_size=8, hidden_size=16), 10, 12)).eval()
     feats = torch.randn(5, 10)
     g = greedy_decode(model, feats, max_length=6, start_id=1, end_id=2, banned_ids=(0, 1, 3))
     b = beam_search(model, feats, beam_size=1, max_length=6, start_id=1, end_id=2, banned_ids=(0, 1, 3))
@@ -179,7 +180,7 @@ def test_beam_one_equals_greedy_with_real_decoder():
 def test_evaluate_writes_every_metric(cache, tmp_path):
     run(cache, tmp_path, epochs=2)
     out = tmp_path / "eval.json"
-    s = evaluate(tmp_path / "ckpt" / "best.pt", cache, split="val", out=out, results=tmp_path / "res.json",
+    s = run_evaluate(tmp_path / "ckpt" / "best.pt", cache, split="val", out=out, results=tmp_path / "res.json",
                  beam_size=2, tokenizer="simple")
     metrics = json.loads(out.read_text())
     for key in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"):
@@ -189,7 +190,7 @@ def test_evaluate_writes_every_metric(cache, tmp_path):
     results = json.loads((tmp_path / "res.json").read_text())
     assert len(results) == 6 and set(results[0]) == {"image_id", "caption"}
     with pytest.raises(PipelineError, match="no valid images in split 'test'"):
-        evaluate(tmp_path / "ckpt" / "best.pt", cache, split="test", out=out, tokenizer="simple")
+        run_evaluate(tmp_path / "ckpt" / "best.pt", cache, split="test", out=out, tokenizer="simple")
 
 
 def test_mismatched_cache_is_refused(cache, tmp_path):
@@ -197,7 +198,7 @@ def test_mismatched_cache_is_refused(cache, tmp_path):
     # features re-extracted with another encoder: the checkpoint must not be scored on them
     extract(cache, force=True, **{**SMALL, "arch": "resnet34"})
     with pytest.raises(PipelineError, match="another encoder.*arch"):
-        evaluate(tmp_path / "ckpt" / "last.pt", cache, split="val", out=tmp_path / "e.json", tokenizer="simple")
+        run_evaluate(tmp_path / "ckpt" / "last.pt", cache, split="val", out=tmp_path / "e.json", tokenizer="simple")
     # a vocabulary that does not belong to labels.h5
     v = Vocabulary.load(cache)
     Vocabulary(v.tokens + ["zebra"]).save(cache / "vocab.json")

@@ -27,9 +27,9 @@ import urllib.request
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Sequence
 
 from tqdm import tqdm
 

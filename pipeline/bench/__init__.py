@@ -1,0 +1,1 @@
+"""`pipeline bench ...`: throughput and quality benchmarks with targets that can fail."""

@@ -16,17 +16,22 @@ import os
 import resource
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from pipeline.extract.encoder import make_spec
-from pipeline.extract.extract import _autocast, choose_device, default_workers, encode_images, extract, load_encoder
 from pipeline.caption.caption import expand_inputs
-from pipeline.extract.images import ImageFiles, collate
-from pipeline.core.manifest import ImageRecord, Manifest
-from pipeline.decoder.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
 from pipeline.core import distributed
+from pipeline.core.manifest import ImageRecord, Manifest
+from pipeline.core.runtime import autocast, choose_device, default_workers
+from pipeline.decoder.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.encoder import make_spec
+from pipeline.extract.extract import encode_images, extract, load_encoder
+from pipeline.extract.images import ImageFiles, Preprocess, collate
+from pipeline.train.config import TrainConfig
 
 
 def _sync(dev: torch.device) -> None:
@@ -41,13 +46,13 @@ def _peak_rss_mb() -> tuple[float, float]:
     return me, kids
 
 
-def bench_extract(images: list[str], arch: str = "resnet18", weights: str = "none", batch_size: int = 64,
-                  workers: int | None = None, device: str = "auto", resize: int = 256, crop: int = 224,
-                  amp: str = "auto", limit: int = 1000, log=print) -> dict:
+def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, log=print) -> dict:
+    """Full `extract` vs the bare encoder forward on the same images, decoded in advance."""
     paths = expand_inputs(images)[:limit] if limit else expand_inputs(images)
-    dev = choose_device(device)
-    workers = default_workers(dev) if workers is None else workers
-    spec = make_spec(arch, weights, resize, crop)
+    dev = choose_device(cfg.device)
+    workers = default_workers(dev) if cfg.workers is None else cfg.workers
+    arch, weights, batch_size, crop, amp = cfg.arch, cfg.weights, cfg.batch_size, cfg.crop, cfg.amp
+    spec = make_spec(arch, weights, cfg.resize, crop)
     log(f"bench extract: {len(paths)} images, {arch} weights={weights}, batch {batch_size}, {workers} workers, "
         f"device {dev}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
@@ -58,21 +63,20 @@ def bench_extract(images: list[str], arch: str = "resnet18", weights: str = "non
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         # 1. the full stage, exactly as `pipeline extract` runs it
-        full = extract(tmp, arch=arch, weights=weights, batch_size=batch_size, workers=workers, device=str(dev),
-                       resize=resize, crop=crop, amp=amp, progress=False)
+        full = extract(tmp, replace(cfg, workers=workers, device=str(dev)), progress=False)
         rss_main, rss_child = _peak_rss_mb()
         gpu_mb = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0
         # 2. the compute limit: the same encoder on the same images, already decoded and in memory
         encoder = load_encoder(spec, dev)
         batches = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
         decoded = torch.empty(len(paths), 3, crop, crop, dtype=torch.uint8)
-        loader = torch.utils.data.DataLoader(ImageFiles(paths, spec.preprocess), batch_sampler=batches,
+        loader = torch.utils.data.DataLoader(ImageFiles(paths, Preprocess.of(spec)), batch_sampler=batches,
                                              num_workers=workers, collate_fn=collate)
         for rows, imgs, _ in loader:
             decoded[rows] = imgs
         if dev.type == "cuda":
             decoded = decoded.pin_memory()
-        with torch.inference_mode(), _autocast(dev, amp):
+        with torch.inference_mode(), autocast(dev, amp):
             x = decoded[: batches[0][-1] + 1].to(dev)
             encoder(x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x)  # warm-up
             _sync(dev)
@@ -97,16 +101,17 @@ def bench_extract(images: list[str], arch: str = "resnet18", weights: str = "non
     return res
 
 
-def bench_train(cache_dir: str = "cache", batch_size: int = 128, embed_size: int = 256, hidden_size: int = 512,
-                device: str = "auto", amp: str = "auto", notebook_batches: int = 10, max_batches: int = 0,
-                log=print) -> dict:
+def bench_train(cache_dir: str = "cache", cfg: TrainConfig | None = None, notebook_batches: int = 10,
+                max_batches: int = 0, log=print) -> dict:
+    """Bare decoder steps vs a `train` epoch from the cache vs the ResNet-every-step notebook way."""
     from pipeline.decoder.data import load_cache
-    from pipeline.train.train import Trainer, TrainConfig, epoch_batches, run_epoch
+    from pipeline.train.train import Trainer, epoch_batches, run_epoch
 
+    cfg = cfg or TrainConfig()
     data = load_cache(cache_dir)
-    cfg = TrainConfig(batch_size=batch_size, device=device, amp=amp)
-    dev = choose_device(device)
-    model_cfg = ModelConfig(data.encoder.feature_dim, len(data.vocab), embed_size, hidden_size)
+    batch_size, embed_size, hidden_size = cfg.batch_size, cfg.embed_size, cfg.hidden_size
+    dev = choose_device(cfg.device)
+    model_cfg = ModelConfig.of(cfg, data.encoder.feature_dim, len(data.vocab))
     rows = data.caption_rows("train")
     batches = epoch_batches(data, rows, cfg, 0, distributed.Context())
     if max_batches:
@@ -170,7 +175,7 @@ def bench_train(cache_dir: str = "cache", batch_size: int = 128, embed_size: int
     for b in nb:
         img_rows = data.caption_image[b].tolist()
         feats = torch.cat([torch.from_numpy(f) for _, f, _ in
-                           encode_images(encoder, paths, data.encoder.preprocess, [img_rows], dev, workers)])
+                           encode_images(encoder, paths, Preprocess.of(data.encoder), [img_rows], dev, workers)])
         trainer.step(feats, data.labels[b], data.lengths[b], v.start_id, v.end_id)
     _sync(dev)
     nb_caps = sum(len(b) for b in nb)
@@ -193,28 +198,25 @@ def bench_train(cache_dir: str = "cache", batch_size: int = 128, embed_size: int
 SCORE_KEYS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
-def bench_blind(cache_dir: str = "cache", model: dict | None = None, cfg=None, split: str = "test",
-                beam_size: int = 3, max_length: int = 20, length_penalty: float = 0.0, tokenizer: str = "auto",
+def bench_blind(cache_dir: str = "cache", cfg: TrainConfig | None = None, ecfg: EvaluateConfig | None = None,
                 log=print) -> dict:
-    """Train with and without the images (same settings, same seed), evaluate both on `split`.
+    """Train with and without the images (same settings, same seed), evaluate both on `ecfg.split`.
 
-    `model`: the decoder's keyword arguments of `pipeline.train.train` (embed_size, ...; not blind);
-    `cfg`: a TrainConfig. Returns both score dicts and the CIDEr ratio seeing/blind.
+    Returns both score dicts and the CIDEr ratio seeing/blind.
     """
     from pipeline.evaluate.evaluate import evaluate
-    from pipeline.train.train import TrainConfig, train
+    from pipeline.train.train import train
 
-    cfg = cfg or TrainConfig()
-    model = dict(model or {})
+    cfg, ecfg = cfg or TrainConfig(), ecfg or EvaluateConfig()
+    split = ecfg.split
     scores = {}
     with tempfile.TemporaryDirectory(prefix="bench-blind-") as tmp:
         for name, blind in (("seeing", False), ("blind", True)):
             t0 = time.perf_counter()
-            run = train(cache_dir, out=Path(tmp, name), metrics_dir=Path(tmp, name, "metrics"), cfg=cfg, **model,
-                        blind=blind, progress=False, log=lambda m: None)
-            ev = evaluate(Path(tmp, name, "best.pt"), cache_dir, split=split, out=Path(tmp, name, "eval.json"),
-                          results=Path(tmp, name, "captions.json"), beam_size=beam_size, max_length=max_length,
-                          length_penalty=length_penalty, device=cfg.device, tokenizer=tokenizer)
+            run = train(cache_dir, out=Path(tmp, name), metrics_dir=Path(tmp, name, "metrics"),
+                        cfg=replace(cfg, blind=blind), progress=False, log=lambda m: None)
+            ev = evaluate(Path(tmp, name, "best.pt"), cache_dir, ecfg, out=Path(tmp, name, "eval.json"),
+                          results=Path(tmp, name, "captions.json"))
             scores[name] = ev.scores
             log(f"  {name:<7} trained {run.epochs_run} epochs (best {run.best_epoch}), {time.perf_counter() - t0:.0f} s: "
                 + "  ".join(f"{k} {ev.scores[k]:.3f}" for k in SCORE_KEYS if k in ev.scores))

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
-from pipeline.decoder.decode import decode
 from pipeline.core.errors import PipelineError
-from pipeline.extract.extract import choose_device, default_workers, encode_images, load_encoder
 from pipeline.core.fileio import write_json, write_text
+from pipeline.core.runtime import choose_device, default_workers
+from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
+from pipeline.decoder.decode import DecodeConfig, decode
+from pipeline.extract.extract import encode_images, load_encoder
 from pipeline.extract.images import Preprocess
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -53,26 +54,34 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return paths
 
 
-def caption_images(checkpoint: str | os.PathLike, inputs: list[str], beam_size: int = 3, max_length: int = 20,
-                   length_penalty: float = 0.0, device: str = "auto", batch_size: int = 32,
-                   workers: int | None = None, encoder_weights: str | None = None) -> list[Captioned]:
+def caption_images(checkpoint: str | os.PathLike, inputs: list[str], cfg: DecodeConfig | None = None,
+                   batch_size: int = 32, workers: int | None = None,
+                   encoder_weights: str | None = None) -> list[Captioned]:
+    """Caption image files, folders or globs with a checkpoint: rebuilds its encoder and decodes with `cfg`.
+
+    Returns one Captioned per input file, in order; unreadable images carry their reason in `error`
+    instead of a caption. Refuses (PipelineError) a missing or foreign checkpoint, inputs that match
+    nothing, and an encoder weights file that is missing or not the one the features were made with.
+    """
+    cfg = cfg or DecodeConfig()
+    cfg.check()
     ckpt = load_checkpoint(checkpoint)
-    dev = choose_device(device)
+    dev = choose_device(cfg.device)
     model, vocab, spec = restore_decoder(ckpt, dev)
     paths = expand_inputs(inputs)
     encoder = load_encoder(spec, dev, encoder_weights)
     batches = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
     out = [Captioned(p) for p in paths]
     banned = (vocab.pad_id, vocab.start_id, vocab.unk_id)
-    for rows, feats, errs in encode_images(encoder, paths, spec.preprocess, batches, dev,
+    for rows, feats, errs in encode_images(encoder, paths, Preprocess.of(spec), batches, dev,
                                            default_workers(dev) if workers is None else workers):
         ok = [j for j, e in enumerate(errs) if not e]
         for j, e in enumerate(errs):
             out[rows[j]].error = e
         if not ok:
             continue
-        hyps = decode(model, torch.from_numpy(feats[ok]).to(dev), beam_size=beam_size, max_length=max_length,
-                      start_id=vocab.start_id, end_id=vocab.end_id, length_penalty=length_penalty, banned_ids=banned)
+        hyps = decode(model, torch.from_numpy(feats[ok]).to(dev), beam_size=cfg.beam_size, max_length=cfg.max_length,
+                      start_id=vocab.start_id, end_id=vocab.end_id, length_penalty=cfg.length_penalty, banned_ids=banned)
         for j, h in zip(ok, hyps):
             out[rows[j]].caption, out[rows[j]].logprob = vocab.decode(h.tokens), float(h.logprob)
     return out

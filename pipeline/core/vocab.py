@@ -10,11 +10,12 @@ never paired with a vocabulary whose ids mean other words.
 from __future__ import annotations
 
 import os
+import re
 import string
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from nltk.tokenize import TreebankWordTokenizer
 
@@ -27,26 +28,31 @@ SPECIALS = (PAD, START, END, UNK)
 
 # Treebank tokenization is pure regex: it needs no nltk data download (punkt would).
 _TREEBANK = TreebankWordTokenizer()
-_PUNCT = frozenset(string.punctuation)
+# Treebank detaches a period only at the very end of its input: split after sentence-final punctuation
+# first, so periods ending earlier sentences are detached too.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def _is_punct(token: str) -> bool:
-    return all(c in _PUNCT or unicodedata.category(c).startswith("P") for c in token)
+    return all(c in string.punctuation or unicodedata.category(c)[0] in "PS" for c in token)
 
 
 def tokenize(text: str) -> list[str]:
-    """Lowercase words of `text`, punctuation-only tokens dropped.
+    """Lowercase words of `text`, punctuation- and symbol-only tokens dropped.
 
-    Treebank only splits off a sentence-final period, so "dog. sitting" gives "dog."; trailing periods
-    are stripped from word tokens so both spellings count as one word ("st." becomes "st").
+    The one tokenizer of the project: the vocabulary, the validation references and the pure-Python
+    scorer (`pipeline.decoder.metrics`, when Java's PTB tokenizer is not used) all split text with it,
+    so a word means the same everywhere. Trailing periods are stripped from word tokens, so "st." and
+    "st" count as one word.
     """
     out = []
-    for tok in _TREEBANK.tokenize(text.lower()):
-        if _is_punct(tok):
-            continue
-        tok = tok.rstrip(".")
-        if tok:
-            out.append(tok)
+    for sentence in _SENTENCE_END.split(" ".join(text.lower().split())):
+        for tok in _TREEBANK.tokenize(sentence):
+            if _is_punct(tok):
+                continue
+            tok = tok.rstrip(".")
+            if tok:
+                out.append(tok)
     return out
 
 
@@ -102,7 +108,7 @@ class Vocabulary:
         return " ".join(words)
 
     @classmethod
-    def build(cls, tokenized_captions: Iterable[Sequence[str]], threshold: int = 5) -> "Vocabulary":
+    def build(cls, tokenized_captions: Iterable[Sequence[str]], threshold: int = 5) -> Vocabulary:
         """Keep the words seen at least `threshold` times; rarer words will encode as <unk>."""
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
             raise PipelineError(f"vocabulary threshold must be an integer >= 1, got {threshold!r}")
@@ -117,7 +123,7 @@ class Vocabulary:
         write_json(path, {"tokens": self.tokens, "threshold": self.threshold, "counts": self.counts})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Vocabulary":
+    def load(cls, path: str | os.PathLike) -> Vocabulary:
         """Load `path` (a vocab.json file or a cache directory holding one)."""
         path = Path(path)
         if path.is_dir():

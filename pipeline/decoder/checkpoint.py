@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.extract.encoder import EncoderSpec
+from pipeline.core.cache import EncoderSpec
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path
-from pipeline.decoder.model import CaptionDecoder, ModelConfig
 from pipeline.core.vocab import Vocabulary
+from pipeline.decoder.model import CaptionDecoder, ModelConfig
 
 FORMAT = "pipeline.decoder/1"
 REQUIRED = ("format", "model", "model_config", "vocab", "encoder", "epoch", "step")

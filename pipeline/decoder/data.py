@@ -17,11 +17,9 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline.extract.encoder import EncoderSpec
+from pipeline.core.cache import FEATURES_NAME, LABELS_NAME, EncoderSpec, read_features_attrs
 from pipeline.core.errors import PipelineError
-from pipeline.extract.extract import FEATURES_NAME, read_cache_attrs
 from pipeline.core.manifest import SPLITS, Manifest, load_manifest
-from pipeline.prepare.prepare import LABELS_NAME
 from pipeline.core.vocab import Vocabulary, tokenize
 
 
@@ -65,7 +63,7 @@ def load_cache(cache_dir: str | os.PathLike = "cache", features: str | os.PathLi
         if not path.exists():
             raise PipelineError(f"{path} is missing: run `pipeline {stage} --{'out-dir' if stage == 'prepare' else 'cache-dir'} "
                                 f"{cache_dir}` first")
-    attrs = read_cache_attrs(features_path)
+    attrs = read_features_attrs(features_path)
     settings = json.loads(attrs.get("settings", "{}") or "{}")
     with h5py.File(labels_path, "r") as f:
         la = dict(f.attrs)

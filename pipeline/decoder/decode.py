@@ -27,11 +27,27 @@ score); this never changes the result.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor
+
+from pipeline.core.runtime import DEVICE_HELP
+from pipeline.core.settings import Settings, setting
+
+
+@dataclass
+class DecodeConfig(Settings):
+    """How captions are decoded: shared by evaluate (params.yaml section `evaluate`) and caption."""
+
+    SECTION: ClassVar[str] = "evaluate"
+
+    beam_size: int = setting(3, "Beam width (1 = greedy).", min=1)
+    max_length: int = setting(20, "Most words per caption.", min=1)
+    length_penalty: float = setting(0.0, "GNMT length penalty alpha (0: rank by total log-probability).")
+    device: str = setting("auto", DEVICE_HELP)
 
 
 class StepModel(Protocol):

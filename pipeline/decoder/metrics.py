@@ -1,4 +1,4 @@
-"""Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) on pycocoevalcap's own 0-1 scale.
+"""Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) as pycocoevalcap computes them (CIDEr runs 0-10).
 
 We call pycocoevalcap's scorers one by one instead of `COCOEvalCap.evaluate()`, because that
 always builds SPICE, which downloads Stanford models on first use and so fails offline.
@@ -12,18 +12,15 @@ ones unawares.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Mapping, Sequence
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -32,6 +29,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.vocab import tokenize
 
 __all__ = [
     "ALL_METRICS",
@@ -56,9 +54,6 @@ SPICE_NOTE = (
 METEOR_TIMEOUT_S = 300.0
 METEOR_TIMEOUT_PER_IMAGE_S = 0.05
 
-# Splitting after sentence-final punctuation lets the Treebank tokenizer, which only detaches a
-# period at the very end of its input, also detach periods ending earlier sentences.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 @dataclass
@@ -90,30 +85,10 @@ def java_available() -> bool:
     return proc.returncode == 0
 
 
-@functools.lru_cache(maxsize=1)
-def _treebank():
-    # Imported lazily: importing nltk costs most of a second and only this path needs it.
-    from nltk.tokenize.treebank import TreebankWordTokenizer
-
-    return TreebankWordTokenizer()
-
-
-def _is_punct(token: str) -> bool:
-    return all(unicodedata.category(ch)[0] in "PS" for ch in token)
-
-
 def simple_tokenize(text: str) -> str:
-    """Lowercase, Treebank-tokenize and drop punctuation; returns space-joined tokens.
-
-    A pure-Python stand-in for pycocoevalcap's Java PTBTokenizer, close but not identical to it.
-    Uses only nltk's regex tokenizer, so it needs no downloaded nltk data. Use it to build the
-    tokenized inputs of `fast_scores` so they match `score_captions(tokenizer="simple")`.
-    """
-    text = " ".join(text.lower().split())
-    tokens: list[str] = []
-    for sentence in _SENTENCE_END.split(text):
-        tokens.extend(_treebank().tokenize(sentence))
-    return " ".join(t for t in tokens if not _is_punct(t))
+    """The project's tokenizer (`pipeline.core.vocab.tokenize`), space-joined: a pure-Python stand-in
+    for pycocoevalcap's Java PTBTokenizer, close but not identical to it. Needs no nltk data."""
+    return " ".join(tokenize(text))
 
 
 def _check_inputs(references: Mapping, candidates: Mapping) -> None:

@@ -9,26 +9,50 @@ state; then `<start>` and the caption words follow, and each output predicts the
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from pipeline.core.settings import Settings, setting
 
-@dataclass(frozen=True)
-class ModelConfig:
-    feature_dim: int
-    vocab_size: int
-    embed_size: int = 256
-    hidden_size: int = 512
-    num_layers: int = 1
-    dropout: float = 0.0  # on the LSTM outputs, and between LSTM layers
-    batchnorm: bool = False  # BatchNorm1d after the projection (the Mastering PyTorch variant)
+
+@dataclass
+class ModelSettings(Settings):
+    """The decoder's shape: the model half of train's settings (params.yaml section `train`)."""
+
+    SECTION: ClassVar[str] = "train"
+
+    embed_size: int = setting(256, "Size of the word embeddings and of the projected image feature.", min=1)
+    hidden_size: int = setting(512, "LSTM hidden units.", min=1)
+    num_layers: int = setting(1, "LSTM layers.", min=1)
+    dropout: float = setting(0.0, "Dropout on the LSTM outputs and between LSTM layers.", min=0, max=1, max_open=True)
+    batchnorm: bool = setting(False, "BatchNorm after the image projection (the Mastering PyTorch variant).")
     # Image-blind baseline: every image feature is replaced by the training-set mean feature, so the
     # decoder learns the best caption it can without looking. Its score is the floor that a real
     # model's must clear by far, or the captions do not depend on the picture.
-    blind: bool = False
+    blind: bool = setting(False, "Image-blind baseline: replace every image feature by the mean feature.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What a checkpoint records to rebuild the decoder: the cache's sizes plus ModelSettings."""
+
+    feature_dim: int
+    vocab_size: int
+    embed_size: int
+    hidden_size: int
+    num_layers: int
+    dropout: float
+    batchnorm: bool
+    blind: bool
+
+    @classmethod
+    def of(cls, settings: ModelSettings, feature_dim: int, vocab_size: int) -> ModelConfig:
+        """The model part of `settings` (a TrainConfig, say) for a cache of these sizes."""
+        return cls(feature_dim, vocab_size, **{f.name: getattr(settings, f.name) for f in fields(ModelSettings)})
 
     def as_dict(self) -> dict:
         return asdict(self)

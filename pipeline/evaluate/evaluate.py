@@ -2,7 +2,7 @@
 
 Decodes the split from the cached features (no CNN run), writes the COCO results JSON
 ([{"image_id", "caption"}]) and a metrics JSON with BLEU-1..4, METEOR, ROUGE-L and CIDEr from
-pycocoevalcap, on its own 0-1 scale. METEOR needs Java; SPICE needs model downloads and is left out.
+pycocoevalcap, on its own scales (BLEU, METEOR, ROUGE-L 0-1; CIDEr 0-10). METEOR needs Java; SPICE needs model downloads and is left out.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
+from pipeline.core.cache import describe_difference
+from pipeline.core.errors import PipelineError
+from pipeline.core.fileio import write_json
+from pipeline.core.manifest import SPLITS
+from pipeline.core.runtime import choose_device
 from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
 from pipeline.decoder.data import CaptionData, load_cache
 from pipeline.decoder.decode import decode
-from pipeline.core.errors import PipelineError
-from pipeline.extract.extract import choose_device, describe_difference
-from pipeline.core.fileio import write_json
-from pipeline.core.manifest import SPLITS
 from pipeline.decoder.metrics import score_captions
+from pipeline.evaluate.config import EvaluateConfig
 
 
 @dataclass
@@ -54,23 +55,28 @@ def check_compatible(ckpt: dict, data: CaptionData, where: str) -> None:
                             f"evaluate on the cache it was trained from, or retrain")
 
 
-def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = "cache", split: str = "test",
+def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = "cache", cfg: EvaluateConfig | None = None,
              out: str | os.PathLike = "metrics/eval.json", results: str | os.PathLike | None = None,
-             beam_size: int = 3, max_length: int = 20, length_penalty: float = 0.0, device: str = "auto",
-             batch_size: int = 256, tokenizer: str = "auto", max_images: int = 0) -> EvalSummary:
-    if split not in SPLITS:
-        raise PipelineError(f"--split must be one of {', '.join(SPLITS)}")
-    if beam_size < 1 or max_length < 1:
-        raise PipelineError("--beam-size and --max-length must be >= 1")
+             batch_size: int = 256) -> EvalSummary:
+    """Decode `cfg.split` of the cache with the checkpoint's decoder and score it against the references.
+
+    Writes the metrics JSON to `out` and the COCO results JSON ([{"image_id", "caption"}]) to
+    `results` (default: results/captions_SPLIT.json beside the metrics folder). Returns an EvalSummary.
+    Refuses (PipelineError) a missing or foreign checkpoint, a checkpoint trained on another encoder or
+    vocabulary than the cache's, a split without valid images, and images without references.
+    """
+    cfg = cfg or EvaluateConfig()
+    cfg.check()
+    split, beam_size, max_length, length_penalty = cfg.split, cfg.beam_size, cfg.max_length, cfg.length_penalty
     started = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     data = load_cache(cache_dir)
     check_compatible(ckpt, data, str(checkpoint))
-    dev = choose_device(device)
+    dev = choose_device(cfg.device)
     model, vocab, _ = restore_decoder(ckpt, dev)
     rows = data.image_rows(split)
-    if max_images:
-        rows = rows[:max_images]
+    if cfg.max_images:
+        rows = rows[:cfg.max_images]
     if len(rows) == 0:
         present = [s for s in SPLITS if len(data.image_rows(s))]
         raise PipelineError(f"the cache has no valid images in split {split!r}: choose --split from {present}")
@@ -83,7 +89,7 @@ def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = "cach
     missing = [i for i, refs in references.items() if not refs]
     if missing:
         raise PipelineError(f"{len(missing)} images of split {split!r} have no reference captions (e.g. id {missing[0]})")
-    report = score_captions(references, candidates, tokenizer=tokenizer)
+    report = score_captions(references, candidates, tokenizer=cfg.tokenizer)
     results = Path(results) if results else Path(out).parent.parent / "results" / f"captions_{split}.json"
     write_json(results, [{"image_id": i, "caption": c} for i, c in candidates.items()])
     seconds = time.perf_counter() - started

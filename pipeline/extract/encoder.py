@@ -8,50 +8,18 @@ callers feed uint8 batches straight from the DataLoader.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipeline.core.cache import EncoderSpec
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import sha256_file
-from pipeline.extract.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from pipeline.extract.images import IMAGENET_MEAN, IMAGENET_STD
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 RANDOM_INIT_SEED = 0
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """Everything needed to rebuild the exact encoder: stored in the feature cache and in checkpoints."""
-
-    arch: str
-    weights: str  # "imagenet:<torchvision enum name>", "none:seed=<n>", or "file:<name>"
-    weights_sha256: str  # of the local file; "" otherwise
-    weights_path: str  # where the local file was (a hint for `caption`); "" otherwise
-    resize: int
-    crop: int
-    feature_dim: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def identity(self) -> dict:
-        """The fields that decide the features' values (not where a weights file happened to live)."""
-        d = asdict(self)
-        d.pop("weights_path")
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EncoderSpec":
-        return cls(arch=str(d["arch"]), weights=str(d["weights"]), weights_sha256=str(d.get("weights_sha256", "")),
-                   weights_path=str(d.get("weights_path", "")), resize=int(d["resize"]), crop=int(d["crop"]),
-                   feature_dim=int(d["feature_dim"]))
-
-    @property
-    def preprocess(self) -> Preprocess:
-        return Preprocess(resize=self.resize, crop=self.crop)
 
 
 class Encoder(nn.Module):
@@ -66,7 +34,7 @@ class Encoder(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "Encoder":
+    def train(self, mode: bool = True) -> Encoder:
         return super().train(False)  # frozen: BatchNorm must keep its running statistics
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -33,14 +33,16 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.core import distributed
-from pipeline.extract.encoder import EncoderSpec, build_encoder, make_spec
+from pipeline.core.cache import FEATURES_NAME, EncoderSpec, describe_difference, read_features_attrs
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path, sha256_json, write_json
-from pipeline.extract.images import ImageFiles, Preprocess, collate
 from pipeline.core.manifest import Manifest, load_manifest
+from pipeline.core.runtime import autocast, choose_device, default_workers
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.encoder import build_encoder, make_spec
+from pipeline.extract.images import ImageFiles, Preprocess, collate
 
-FEATURES_NAME = "features.h5"
-DTYPES = {"float16": np.float16, "float32": np.float32}
+NP_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 @dataclass
@@ -69,64 +71,32 @@ def cache_settings(spec: EncoderSpec, preprocess: Preprocess, dtype: str, manife
             "manifest_fingerprint": manifest.fingerprint, "n_images": len(manifest.images)}
 
 
-def read_cache_attrs(path: str | os.PathLike) -> dict:
-    """The attributes of an existing features.h5 (clear error if it is not one)."""
-    try:
-        with h5py.File(path, "r") as f:
-            return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-    except OSError as e:
-        raise PipelineError(f"{path} is not a readable HDF5 file ({e}): delete it, or rerun extract with --force") from None
-
-
 def settings_of(attrs: dict) -> dict | None:
     raw = attrs.get("settings")
     return json.loads(raw) if raw else None
 
 
-def describe_difference(old: dict, new: dict) -> str:
-    """One line naming which settings differ, e.g. `encoder.arch: resnet18 -> resnet50`."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-    a, b = flat(old), flat(new)
-    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return "; ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
-
-
-def choose_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return dev
-
-
-def default_workers(device: torch.device) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # On the CPU, decoding competes with the network's own threads: one worker keeps the pipe full.
-    return max(1, min(cpus - 1, 16)) if device.type == "cuda" else 1
-
-
-def extract(cache_dir: str | os.PathLike = "cache", arch: str = "resnet152", weights: str = "imagenet",
-            out: str | os.PathLike | None = None, batch_size: int = 64, workers: int | None = None,
-            device: str | None = None, dtype: str = "float16", resize: int = 256, crop: int = 224,
-            amp: str = "auto", chunk_size: int = 1024, force: bool = False,
-            progress: bool = True) -> ExtractSummary:
+def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = None,
+            out: str | os.PathLike | None = None, force: bool = False, progress: bool = True) -> ExtractSummary:
     """Extract features for every image in `cache_dir/manifest.json` into `out` (default cache_dir/features.h5).
 
-    Under torchrun (see `pipeline.distributed`): rank 0 alone checks the settings and the existing
+    `cfg` says which encoder, preprocessing and storage type (ExtractConfig's defaults: resnet152 with
+    torchvision's ImageNet weights, 256/224, float16). Returns an ExtractSummary: images, how many were
+    computed now, the failures (path, reason). Refuses (PipelineError) a bad setting, a missing
+    manifest, and an existing cache or unfinished extraction made with other settings (unless `force`).
+    An up-to-date cache is reported, not recomputed; an interrupted run continues where it stopped.
+
+    Under torchrun (see `pipeline.core.distributed`): rank 0 alone checks the settings and the existing
     cache, prepares the parts folder and lists the chunks still to do; the ranks split that list
     (chunk i of it to rank i % W: every chunk on the first run, only the missing ones on a rerun, so
     a rerun after a crash is balanced again); once every rank's parts are written, rank 0 joins
     them. Which rank computes a chunk does not change its batches, so the file is the same as a
     one-process run's, byte for byte (on the CPU; on GPUs as far as the kernels are deterministic).
     """
+    cfg = cfg or ExtractConfig()
+    cfg.check()
+    arch, weights, resize, crop, dtype = cfg.arch, cfg.weights, cfg.resize, cfg.crop, cfg.dtype
+    batch_size, chunk_size = cfg.batch_size, cfg.chunk_size
     cache_dir = Path(cache_dir)
     out = Path(out) if out else cache_dir / FEATURES_NAME
     parts_dir = out.with_name(out.name + ".parts")
@@ -135,15 +105,11 @@ def extract(cache_dir: str | os.PathLike = "cache", arch: str = "resnet152", wei
 
     def plan():
         """Rank 0: refuse, report up to date, or list the chunks that have no finished part yet."""
-        if dtype not in DTYPES:
-            raise PipelineError(f"--dtype {dtype!r}: choose float16 or float32")
-        if batch_size < 1 or chunk_size < 1:
-            raise PipelineError("--batch-size and --chunk-size must be positive")
         job["manifest"] = manifest = load_manifest(cache_dir)
         job["spec"] = spec = make_spec(arch, weights, resize, crop)
-        settings = cache_settings(spec, spec.preprocess, dtype, manifest)
+        settings = cache_settings(spec, Preprocess.of(spec), dtype, manifest)
         if out.exists() and not force:
-            old = settings_of(read_cache_attrs(out))
+            old = settings_of(read_features_attrs(out))
             if old == settings:
                 if parts_dir.exists():
                     shutil.rmtree(parts_dir, ignore_errors=True)  # left by a run killed after its final rename
@@ -162,18 +128,17 @@ def extract(cache_dir: str | os.PathLike = "cache", arch: str = "resnet152", wei
         job["manifest"] = load_manifest(cache_dir)
         job["spec"] = make_spec(arch, weights, resize, crop)
     manifest, spec = job["manifest"], job["spec"]
-    preprocess = spec.preprocess
+    preprocess = Preprocess.of(spec)
     settings = cache_settings(spec, preprocess, dtype, manifest)
     mine = pending[dist.rank::dist.world_size]
 
-    dev = choose_device(device if device else (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else None))
-    if dist.enabled and dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", dist.local_rank)  # `--device cuda` / auto: this rank's own GPU
+    dev = choose_device(cfg.device, dist.local_rank if dist.enabled else None)
     started = time.perf_counter()
     computed = 0
     if mine:
         computed = _compute(manifest, spec, preprocess, mine, parts_dir, dtype, dev, batch_size,
-                            default_workers(dev) if workers is None else workers, amp, progress and dist.is_main)
+                            default_workers(dev) if cfg.workers is None else cfg.workers, cfg.amp,
+                            progress and dist.is_main)
     seconds = time.perf_counter() - started
     done = dist.all_gather((computed, seconds))  # also the barrier: every part is written before rank 0 joins them
 
@@ -231,14 +196,6 @@ def _part_ok(parts_dir: Path, chunk: tuple[int, int, int]) -> bool:
     return ok
 
 
-def _autocast(dev: torch.device, amp: str):
-    if dev.type != "cuda" or amp == "none":
-        return torch.autocast(dev.type, enabled=False)
-    if amp == "auto":
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 def encode_images(encoder: torch.nn.Module, paths: list[str], preprocess: Preprocess, batches: list[list[int]],
                   device: torch.device, workers: int, amp: str = "auto"):
     """Decode `paths` in DataLoader workers and run `encoder` over them, batch by batch.
@@ -249,7 +206,7 @@ def encode_images(encoder: torch.nn.Module, paths: list[str], preprocess: Prepro
     loader = torch.utils.data.DataLoader(
         ImageFiles(paths, preprocess), batch_sampler=batches, num_workers=workers, collate_fn=collate,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None)
-    with torch.inference_mode(), _autocast(device, amp):
+    with torch.inference_mode(), autocast(device, amp):
         for rows, images, errs in loader:
             images = images.to(device, non_blocking=True)  # (B, 3, S, S) uint8
             if device.type == "cuda":
@@ -278,7 +235,7 @@ def _compute(manifest: Manifest, spec: EncoderSpec, preprocess: Preprocess, pend
     total = sum(e - s for _, s, e in pending)
     bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, dynamic_ncols=True,
                file=sys.stderr, smoothing=0.1)
-    np_dtype = DTYPES[dtype]
+    np_dtype = NP_DTYPES[dtype]
     chunks = iter(pending)
     k, s, e = next(chunks)
     feats, errors = np.zeros((e - s, spec.feature_dim), dtype=np_dtype), [""] * (e - s)

@@ -29,10 +29,17 @@ class Preprocess:
     resize: int = 256
     crop: int = 224
     max_pixels: int = DEFAULT_MAX_PIXELS
+    interpolation: str = "bilinear"  # a PIL resampling filter's name; `to_tensor` resizes with exactly this one
+
+    @classmethod
+    def of(cls, spec) -> Preprocess:
+        """The preprocessing an EncoderSpec records."""
+        return cls(resize=spec.resize, crop=spec.crop)
 
     def describe(self) -> dict:
+        """What the cache records about its preprocessing: this object's own fields, so it cannot drift."""
         return {"resize": self.resize, "crop": self.crop, "mean": list(IMAGENET_MEAN),
-                "std": list(IMAGENET_STD), "interpolation": "bilinear", "max_pixels": self.max_pixels}
+                "std": list(IMAGENET_STD), "interpolation": self.interpolation, "max_pixels": self.max_pixels}
 
     def load(self, path: str) -> Image.Image:
         """Decode `path` to an RGB PIL image, upright (EXIF), at the smallest size that still covers `resize`."""
@@ -60,7 +67,7 @@ class Preprocess:
         scale = self.resize / min(w, h)
         nw, nh = max(self.crop, round(w * scale)), max(self.crop, round(h * scale))
         if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), Image.BILINEAR)
+            img = img.resize((nw, nh), Image.Resampling[self.interpolation.upper()])
         left, top = (nw - self.crop) // 2, (nh - self.crop) // 2
         img = img.crop((left, top, left + self.crop, top + self.crop))
         arr = np.asarray(img, dtype=np.uint8)  # (crop, crop, 3)

@@ -1,0 +1,1 @@
+"""Stage "prepare": dataset files (COCO, Karpathy, Flickr8k) -> manifest.json, vocab.json, labels.h5."""

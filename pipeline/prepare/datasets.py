@@ -14,9 +14,9 @@ import io
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Sequence
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.manifest import SPLITS, ImageRecord, Manifest

@@ -22,19 +22,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.prepare.datasets import DATASETS, read_dataset
+from pipeline.core.cache import LABELS_NAME
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path
 from pipeline.core.manifest import MANIFEST_NAME, SPLITS
 from pipeline.core.vocab import VOCAB_NAME, Vocabulary, tokenize
+from pipeline.prepare.config import PrepareConfig
+from pipeline.prepare.datasets import read_dataset
 
-LABELS_NAME = "labels.h5"
 SPLIT_CODES = {s: i for i, s in enumerate(SPLITS)}
 
 
@@ -65,16 +65,17 @@ class PrepareSummary:
                 f"99% need {self.train_length_p99}) -> {self.out_dir}")
 
 
-def prepare(dataset: str, annotations: Sequence[str | os.PathLike], images: Sequence[str | os.PathLike],
-            out_dir: str | os.PathLike = "cache", vocab_threshold: int = 5, max_length: int = 20,
-            strict: bool = False) -> PrepareSummary:
-    """Read the dataset, build the vocabulary from train, encode every caption; write the three files."""
-    if dataset not in DATASETS:
-        raise PipelineError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise PipelineError(f"max_length must be an integer >= 1, got {max_length!r}")
-    if isinstance(vocab_threshold, bool) or not isinstance(vocab_threshold, int) or vocab_threshold < 1:
-        raise PipelineError(f"vocab threshold must be an integer >= 1, got {vocab_threshold!r}")
+def prepare(cfg: PrepareConfig, out_dir: str | os.PathLike = "cache") -> PrepareSummary:
+    """Read the dataset `cfg` names, build the vocabulary from its train split, encode every caption.
+
+    Writes OUT_DIR/manifest.json, vocab.json and labels.h5 (atomically) and returns a PrepareSummary
+    with the counts of what was kept, skipped, dropped and cut. Refuses (PipelineError) a bad setting,
+    missing or malformed annotation files, a dataset without training captions, and with `cfg.strict`
+    any annotated image missing on disk.
+    """
+    cfg.check()
+    dataset, annotations, images = cfg.dataset, cfg.annotations, cfg.images
+    vocab_threshold, max_length, strict = cfg.vocab_threshold, cfg.max_length, cfg.strict
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise PipelineError(f"output path {out} exists and is not a folder: choose another --out-dir")

@@ -53,7 +53,7 @@ def plot_training(steps: list[dict], epochs: list[dict], out: str | os.PathLike,
     if best is not None:
         score_ax.axvline(best["epoch"], color="gray", linestyle="--", linewidth=1,
                          label=f"best: epoch {best['epoch']}, CIDEr {best['CIDEr']:.3f}")
-    score_ax.set(xlabel="epoch", ylabel="score (0-1 scale; CIDEr can exceed 1)",
+    score_ax.set(xlabel="epoch", ylabel="score (BLEU 0-1, CIDEr 0-10)",
                  title="validation, greedy decoding")
     score_ax.grid(alpha=0.3)
     if epochs:

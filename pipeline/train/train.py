@@ -37,7 +37,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -45,44 +46,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.core import distributed
+from pipeline.core.errors import PipelineError
+from pipeline.core.fileio import write_json, write_text
+from pipeline.core.runtime import amp_dtype, choose_device
 from pipeline.decoder.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.decoder.data import CaptionData, length_grouped_batches, load_cache
 from pipeline.decoder.decode import decode
-from pipeline.core.errors import PipelineError
-from pipeline.extract.extract import choose_device
-from pipeline.core.fileio import write_json, write_text
 from pipeline.decoder.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
+from pipeline.train.config import TrainConfig
 from pipeline.train.plots import plot_training
 
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    amsgrad: bool = False
-    weight_decay: float = 0.0
-    clip: float = 5.0  # max gradient norm; 0 disables clipping
-    lr_decay: float = 1.0  # multiply the lr by this every `lr_decay_every` epochs
-    lr_decay_every: int = 1
-    accumulate: int = 1  # optimizer step every N batches
-    seed: int = 0
-    patience: int = 0  # stop after this many epochs without a better val CIDEr; 0 = never
-    save_every: int = 1  # write last.pt every N epochs (and always after the last one)
-    print_every: int = 100  # steps between loss lines in the log
-    max_length: int = 20  # longest caption decoded for validation
-    val_images: int = 5000  # decode at most this many validation images per epoch (0 = all)
-    device: str = "auto"
-    amp: str = "auto"  # CUDA autocast: auto (bf16 where supported), bf16, fp16, none
-
-    def check(self) -> None:
-        for name in ("epochs", "batch_size", "accumulate", "lr_decay_every", "save_every", "print_every", "max_length"):
-            if getattr(self, name) < 1:
-                raise PipelineError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise PipelineError(f"train.lr must be > 0, got {self.lr}")
-        if self.amp not in ("auto", "bf16", "fp16", "none"):
-            raise PipelineError(f"train.amp must be auto, bf16, fp16 or none, got {self.amp!r}")
+SCORE_KEYS = ("val_loss", "val_perplexity", "CIDEr", "BLEU-4")
 
 
 @dataclass
@@ -102,6 +76,31 @@ class TrainSummary:
                 f"({self.captions_per_second:.0f} captions/s); best epoch {self.best_epoch}: {scores} -> {self.out}")
 
 
+@dataclass
+class TrainState:
+    """Where a run stands; saved in every checkpoint (as a plain dict) so --resume continues exactly."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimizer steps taken (batches, with accumulation)
+    best_epoch: int = 0
+    best: dict = field(default_factory=dict)  # the best epoch's SCORE_KEYS
+    best_score: float = -math.inf  # validation CIDEr (or -val_loss without validation images)
+    bad_epochs: int = 0  # epochs since the best one (early stopping)
+    history: list = field(default_factory=list)  # one row per epoch (train_epochs.json)
+    seconds: float = 0.0  # training time, validation excluded
+    captions: int = 0  # captions trained on
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def summary(self, out: Path) -> TrainSummary:
+        return TrainSummary(epochs_run=self.epoch, steps=self.step, best_epoch=self.best_epoch, best=dict(self.best),
+                            seconds=self.seconds, captions_per_second=self.captions / self.seconds if self.seconds else 0.0,
+                            out=str(out), history=list(self.history))
+
+
 class Trainer:
     """Model, optimizer and the one training step; shared by `train` and `pipeline bench train`."""
 
@@ -114,10 +113,7 @@ class Trainer:
         self.net = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
                     if ddp else self.model)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, amsgrad=cfg.amsgrad, weight_decay=cfg.weight_decay)
-        amp = cfg.amp if device.type == "cuda" else "none"
-        if amp == "auto":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.amp_dtype = amp_dtype(device, cfg.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
     def set_lr(self, epoch: int) -> float:
@@ -240,137 +236,186 @@ def validate(model: CaptionDecoder, data: CaptionData, cfg: TrainConfig, device:
     return out
 
 
+# ------------------------------------------------------------------------------------------ the run
+@dataclass
+class Run:
+    """What one `train` call works with, built once by `setup`."""
+
+    cfg: TrainConfig
+    data: CaptionData
+    model_cfg: ModelConfig
+    trainer: Trainer
+    device: torch.device
+    dist: distributed.Context
+    train_rows: torch.Tensor  # (M_train,) caption rows trained on
+    val_images: torch.Tensor  # (N_val,) image rows decoded at validation
+    references: dict  # row -> tokenized reference captions of val_images
+    out: Path
+    metrics_dir: Path
+    log: Callable[[str], None]
+    steps_log: list = field(default_factory=list)  # one row per optimizer step (train_steps.csv)
+
+    @property
+    def last(self) -> Path:
+        return self.out / "last.pt"
+
+
 def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "checkpoints",
-          metrics_dir: str | os.PathLike = "metrics", cfg: TrainConfig | None = None, embed_size: int = 256,
-          hidden_size: int = 512, num_layers: int = 1, dropout: float = 0.0, batchnorm: bool = False,
-          blind: bool = False, resume: bool = False, progress: bool = True, log=print) -> TrainSummary:
+          metrics_dir: str | os.PathLike = "metrics", cfg: TrainConfig | None = None, resume: bool = False,
+          progress: bool = True, log: Callable[[str], None] = print) -> TrainSummary:
+    """Train the decoder of `cfg` on the cache in `cache_dir`; write checkpoints to `out` and logs to `metrics_dir`.
+
+    Outputs: OUT/best.pt (the best validation CIDEr), OUT/last.pt (where the run stands), and the
+    METRICS files listed in the module docstring. `resume` continues from OUT/last.pt and ends
+    exactly where an uninterrupted run would. Refuses (PipelineError) a bad setting, a cache whose
+    files do not belong together, a cache without training captions, and a last.pt made with another
+    cache or other model settings.
+    """
     cfg = cfg or TrainConfig()
     cfg.check()
-    out, metrics_dir = Path(out), Path(metrics_dir)
+    run = setup(cache_dir, Path(out), Path(metrics_dir), cfg, log)
+    state = resume_or_init(run, resume)
+    for epoch in range(state.epoch, cfg.epochs):
+        train_epoch(run, state, epoch, progress)
+        if end_of_epoch(run, state, epoch):
+            run.log(f"early stop: no better validation CIDEr for {cfg.patience} epoch(s)")
+            break
+    if run.dist.is_main:
+        write_logs(run, state, final=True)
+    return state.summary(run.out)
+
+
+def setup(cache_dir: str | os.PathLike, out: Path, metrics_dir: Path, cfg: TrainConfig, log) -> Run:
+    """Device, cache, a freshly initialised decoder (seeded) and its optimizer."""
     dist = distributed.context()
-    device = choose_device(cfg.device if cfg.device != "auto" else
-                           (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"))
-    if dist.enabled and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", dist.local_rank)  # `--device cuda`: this rank's own GPU
-    data = load_cache(cache_dir)
+    device = choose_device(cfg.device, dist.local_rank if dist.enabled else None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model_cfg = ModelConfig(feature_dim=data.encoder.feature_dim, vocab_size=len(data.vocab), embed_size=embed_size,
-                            hidden_size=hidden_size, num_layers=num_layers, dropout=dropout, batchnorm=batchnorm, blind=blind)
+    data = load_cache(cache_dir)
     train_rows = data.caption_rows("train")
     if len(train_rows) == 0:
         raise PipelineError(f"{cache_dir} has no training captions with a valid image: check `pipeline prepare`'s summary")
     val_images = data.image_rows("val")
     if cfg.val_images:
         val_images = val_images[: cfg.val_images]
-    references = data.references(val_images)
-
+    model_cfg = ModelConfig.of(cfg, data.encoder.feature_dim, len(data.vocab))
     torch.manual_seed(cfg.seed)
     model = CaptionDecoder(model_cfg)
     model.fit_feature_stats(data.features[data.image_rows("train")])  # a resume overwrites these with the saved ones
     trainer = Trainer(model, cfg, device, ddp=dist.enabled)
-    state = {"epoch": 0, "step": 0, "best_epoch": 0, "best": {}, "best_score": -math.inf, "bad_epochs": 0,
-             "history": [], "seconds": 0.0, "captions": 0}
-    steps_log: list[dict] = []
-    last = out / "last.pt"
-    loaded: dict = {}
+    return Run(cfg, data, model_cfg, trainer, device, dist, train_rows, val_images, data.references(val_images),
+               out, metrics_dir, log if dist.is_main else (lambda m: None))
+
+
+def resume_or_init(run: Run, resume: bool) -> TrainState:
+    """With `resume` and a last.pt: its weights, optimizer, state and RNG; else a fresh state.
+
+    Rank 0 decides for all ranks whether to resume, so they never disagree (or half refuse)."""
+    last = run.last
 
     def resumable() -> bool:
-        """Rank 0 decides for all ranks whether to resume, so they never disagree (or half refuse)."""
         if not (resume and last.exists()):
             return False
-        loaded["ckpt"] = load_checkpoint(last)
-        _check_resumable(loaded["ckpt"], data, model_cfg, last)
+        check_resumable(load_checkpoint(last), run.data, run.model_cfg, last)
         return True
 
-    if dist.decide(resumable):
-        ckpt = loaded["ckpt"] if "ckpt" in loaded else load_checkpoint(last)
-        trainer.model.load_state_dict(ckpt["model"])
-        trainer.opt.load_state_dict(ckpt["optimizer"])
-        state.update(ckpt["train_state"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        steps_log = [r for r in _read_steps(metrics_dir / "train_steps.csv") if r["step"] <= state["step"]]
-        log(f"resuming from {last}: epoch {state['epoch']}, step {state['step']}")
-    elif resume:
-        log(f"--resume: no {last} yet, starting from scratch")
+    if not run.dist.decide(resumable):
+        if resume:
+            run.log(f"--resume: no {last} yet, starting from scratch")
+        return TrainState()
+    ckpt = load_checkpoint(last)
+    run.trainer.model.load_state_dict(ckpt["model"])
+    run.trainer.opt.load_state_dict(ckpt["optimizer"])
+    state = TrainState.from_dict(ckpt["train_state"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if run.device.type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
+    run.steps_log = [r for r in read_steps(run.metrics_dir / "train_steps.csv") if r["step"] <= state.step]
+    run.log(f"resuming from {last}: epoch {state.epoch}, step {state.step}")
+    return state
 
-    def save(path: Path) -> None:
-        rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        save_checkpoint(path, {"model": trainer.model.state_dict(), "optimizer": trainer.opt.state_dict(),
-                               "model_config": model_cfg.as_dict(), "train_config": asdict(cfg),
-                               "vocab": list(data.vocab.tokens), "encoder": data.encoder.as_dict(),
-                               "cache": {k: v for k, v in data.fingerprints.items() if k != "features_settings"},
-                               "epoch": state["epoch"], "step": state["step"], "train_state": dict(state), "rng": rng})
 
-    stopped_early = False
-    for epoch in range(state["epoch"], cfg.epochs):
-        lr = trainer.set_lr(epoch)
-        batches = epoch_batches(data, train_rows, cfg, epoch, dist)
-        whole, weights = batches, None
-        if dist.enabled:
-            whole = global_batches(data, train_rows, cfg, epoch, dist.world_size)
-            torch.manual_seed(_rank_seed(cfg.seed, epoch, dist.rank))
-            totals = torch.tensor([token_count(data, b) for b in whole], dtype=torch.float64)
-            mine = torch.tensor([token_count(data, b) for b in batches], dtype=torch.float64)
-            weights = (mine * dist.world_size / totals).tolist()
-        t0 = time.perf_counter()
-        losses = run_epoch(trainer, data, batches, progress and dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                           weights=weights)
-        if dist.enabled and losses:  # each step's mean token loss over the global batch, as one process logs it
-            losses = (dist.all_sum(torch.tensor(losses, dtype=torch.float64) * mine) / totals).tolist()
-        seconds = time.perf_counter() - t0
-        n_captions = sum(len(b) for b in whole)
-        for i, loss in enumerate(losses):
-            steps_log.append({"step": state["step"] + i + 1, "epoch": epoch + 1, "loss": loss,
+def train_epoch(run: Run, state: TrainState, epoch: int, progress: bool) -> None:
+    """One pass over the training captions; appends its steps to the log and advances `state`.
+
+    Under DDP every rank takes its slice of the same global batches and weights its loss by its share
+    of each batch's tokens (see the module docstring); the logged loss is the global batch's."""
+    cfg, data, dist = run.cfg, run.data, run.dist
+    lr = run.trainer.set_lr(epoch)
+    batches = epoch_batches(data, run.train_rows, cfg, epoch, dist)
+    whole, weights = batches, None
+    if dist.enabled:
+        whole = global_batches(data, run.train_rows, cfg, epoch, dist.world_size)
+        torch.manual_seed(rank_seed(cfg.seed, epoch, dist.rank))
+        totals = torch.tensor([token_count(data, b) for b in whole], dtype=torch.float64)
+        mine = torch.tensor([token_count(data, b) for b in batches], dtype=torch.float64)
+        weights = (mine * dist.world_size / totals).tolist()
+    t0 = time.perf_counter()
+    losses = run_epoch(run.trainer, data, batches, progress and dist.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       weights=weights)
+    if dist.enabled and losses:  # each step's mean token loss over the global batch, as one process logs it
+        losses = (dist.all_sum(torch.tensor(losses, dtype=torch.float64) * mine) / totals).tolist()
+    seconds = time.perf_counter() - t0
+    for i, loss in enumerate(losses):
+        run.steps_log.append({"step": state.step + i + 1, "epoch": epoch + 1, "loss": loss,
                               "perplexity": math.exp(min(loss, 50.0)), "lr": lr})
-        state["step"] += len(losses)
-        state["epoch"] = epoch + 1
-        state["seconds"] += seconds
-        state["captions"] += n_captions
-        if dist.is_main:  # validation, logs and checkpoints: rank 0 only; the others wait at the broadcast
-            val = validate(trainer.model, data, cfg, device, val_images, references)
-            row = {"epoch": epoch + 1, "step": state["step"], "lr": lr,
-                   "train_loss": sum(losses) / max(len(losses), 1), **val,
-                   "seconds": seconds, "captions_per_second": n_captions / seconds if seconds else 0.0}
-            state["history"].append(row)
-            score = val.get("CIDEr", -val.get("val_loss", 0.0))
-            improved = score > state["best_score"]
-            if improved:
-                state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0,
-                             best={k: row[k] for k in ("val_loss", "val_perplexity", "CIDEr", "BLEU-4") if k in row})
-            else:
-                state["bad_epochs"] += 1
-            log(" ".join([f"epoch {epoch + 1}: train_loss {row['train_loss']:.4f}"] +
-                         [f"{k} {row[k]:.4f}" for k in ("val_loss", "val_perplexity", "CIDEr", "BLEU-4") if k in row] +
+    n_captions = sum(len(b) for b in whole)
+    state.history.append({"epoch": epoch + 1, "step": state.step + len(losses), "lr": lr,
+                          "train_loss": sum(losses) / max(len(losses), 1), "seconds": seconds,
+                          "captions_per_second": n_captions / seconds if seconds else 0.0})
+    state.step += len(losses)
+    state.epoch = epoch + 1
+    state.seconds += seconds
+    state.captions += n_captions
+
+
+def end_of_epoch(run: Run, state: TrainState, epoch: int) -> bool:
+    """Rank 0 validates, logs, keeps best.pt and writes last.pt and the logs; True when training should
+    stop early. The other ranks wait at the broadcast, so every rank leaves the loop after the same epoch."""
+    cfg, stop = run.cfg, False
+    if run.dist.is_main:
+        row = state.history[-1]
+        row.update(validate(run.trainer.model, run.data, cfg, run.device, run.val_images, run.references))
+        row = state.history[-1] = {k: row[k] for k in ("epoch", "step", "lr", "train_loss", *SCORE_KEYS,
+                                                       "seconds", "captions_per_second") if k in row}
+        score = row.get("CIDEr", -row.get("val_loss", 0.0))
+        improved = score > state.best_score
+        if improved:
+            state.best_score, state.best_epoch, state.bad_epochs = score, epoch + 1, 0
+            state.best = {k: row[k] for k in SCORE_KEYS if k in row}
+        else:
+            state.bad_epochs += 1
+        run.log(" ".join([f"epoch {epoch + 1}: train_loss {row['train_loss']:.4f}"] +
+                         [f"{k} {row[k]:.4f}" for k in SCORE_KEYS if k in row] +
                          [f"{row['captions_per_second']:.0f} captions/s", "(best)" if improved else ""]))
-            stopped_early = bool(cfg.patience) and state["bad_epochs"] >= cfg.patience
-            if improved:
-                save(out / "best.pt")
-            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stopped_early:
-                save(last)
-                _write_logs(metrics_dir, steps_log, state, cfg)
-        stopped_early = dist.broadcast(stopped_early)  # every rank leaves the loop after the same epoch
-        if stopped_early:
-            log(f"early stop: no better validation CIDEr for {cfg.patience} epoch(s)")
-            break
-    if dist.is_main:
-        _write_logs(metrics_dir, steps_log, state, cfg, final=True)
-    return TrainSummary(epochs_run=state["epoch"], steps=state["step"], best_epoch=state["best_epoch"],
-                        best=dict(state["best"]), seconds=state["seconds"],
-                        captions_per_second=state["captions"] / state["seconds"] if state["seconds"] else 0.0,
-                        out=str(out), history=list(state["history"]))
+        stop = bool(cfg.patience) and state.bad_epochs >= cfg.patience
+        if improved:
+            save(run, state, run.out / "best.pt")
+        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stop:
+            save(run, state, run.last)
+            write_logs(run, state)
+    return run.dist.broadcast(stop)
 
 
-def _rank_seed(seed: int, epoch: int, rank: int) -> int:
+def save(run: Run, state: TrainState, path: Path) -> None:
+    """A checkpoint of the decoder, optimizer, state and RNG: everything to resume, evaluate or caption."""
+    rng = {"torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    data = run.data
+    save_checkpoint(path, {"model": run.trainer.model.state_dict(), "optimizer": run.trainer.opt.state_dict(),
+                           "model_config": run.model_cfg.as_dict(), "train_config": asdict(run.cfg),
+                           "vocab": list(data.vocab.tokens), "encoder": data.encoder.as_dict(),
+                           "cache": {k: v for k, v in data.fingerprints.items() if k != "features_settings"},
+                           "epoch": state.epoch, "step": state.step, "train_state": asdict(state), "rng": rng})
+
+
+def rank_seed(seed: int, epoch: int, rank: int) -> int:
     """The global RNG seed of `rank` in `epoch` under DDP (dropout): distinct per rank and epoch."""
     return ((seed * 1_000_003 + epoch) * 10_007 + rank + 1) % (1 << 63)
 
 
-def _check_resumable(ckpt: dict, data: CaptionData, model_cfg: ModelConfig, path: Path) -> None:
+def check_resumable(ckpt: dict, data: CaptionData, model_cfg: ModelConfig, path: Path) -> None:
     cache = ckpt.get("cache", {})
     if cache.get("vocab") != data.fingerprints["vocab"] or cache.get("features") != data.fingerprints["features"]:
         raise PipelineError(f"{path} was trained on another cache (vocabulary or features differ): "
@@ -380,7 +425,7 @@ def _check_resumable(ckpt: dict, data: CaptionData, model_cfg: ModelConfig, path
                             f"({model_cfg.as_dict()}): resume with the same settings or drop --resume")
 
 
-def _read_steps(path: Path) -> list[dict]:
+def read_steps(path: Path) -> list[dict]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
@@ -388,18 +433,19 @@ def _read_steps(path: Path) -> list[dict]:
                  "perplexity": float(r["perplexity"]), "lr": float(r["lr"])} for r in csv.DictReader(f)]
 
 
-def _write_logs(metrics_dir: Path, steps_log: list[dict], state: dict, cfg: TrainConfig, final: bool = False) -> None:
+def write_logs(run: Run, state: TrainState, final: bool = False) -> None:
+    """train_steps.csv, train_epochs.json and train.json (and, once at the end, train.png)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["step", "epoch", "loss", "perplexity", "lr"], lineterminator="\n")
     w.writeheader()
-    for r in steps_log:
+    for r in run.steps_log:
         w.writerow({**r, "loss": f"{r['loss']:.6f}", "perplexity": f"{r['perplexity']:.4f}", "lr": f"{r['lr']:.3g}"})
-    write_text(metrics_dir / "train_steps.csv", buf.getvalue())
-    write_json(metrics_dir / "train_epochs.json", state["history"])
-    summary = {"best_epoch": state["best_epoch"], **state["best"], "epochs": state["epoch"], "steps": state["step"],
-               "train_seconds": round(state["seconds"], 3),
-               "captions_per_second": round(state["captions"] / state["seconds"], 1) if state["seconds"] else 0.0}
-    write_json(metrics_dir / "train.json", summary)
+    write_text(run.metrics_dir / "train_steps.csv", buf.getvalue())
+    write_json(run.metrics_dir / "train_epochs.json", state.history)
+    summary = {"best_epoch": state.best_epoch, **state.best, "epochs": state.epoch, "steps": state.step,
+               "train_seconds": round(state.seconds, 3),
+               "captions_per_second": round(state.captions / state.seconds, 1) if state.seconds else 0.0}
+    write_json(run.metrics_dir / "train.json", summary)
     if final:  # ~0.7 s a picture: once per run, not at every save
-        plot_training(steps_log, state["history"], metrics_dir / "train.png",
-                      title=f"{metrics_dir}: best epoch {state['best_epoch']} of {state['epoch']}")
+        plot_training(run.steps_log, state.history, run.metrics_dir / "train.png",
+                      title=f"{run.metrics_dir}: best epoch {state.best_epoch} of {state.epoch}")

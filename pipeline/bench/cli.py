@@ -1,0 +1,110 @@
+"""`pipeline bench ...`: benchmarks that print their figures and ratios and fail when a target is missed."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.settings import click_options
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.extract.config import ExtractConfig
+from pipeline.train.config import TrainConfig
+
+
+@click.group()
+def bench():
+    """Benchmarks that print their figures and ratios, and fail (exit status 1) when a target is missed."""
+
+
+def check_targets(checks: list[tuple[str, float, float, str]]) -> None:
+    """checks: (what, measured, target, ">=" or "<="). Prints each; one Error line lists every miss."""
+    missed = []
+    for what, value, target, op in checks:
+        ok = value >= target if op == ">=" else value <= target
+        click.echo(f"  target {what} {op} {target:g}: {'met' if ok else 'MISSED'} ({value:.3g})")
+        if not ok:
+            missed.append(f"{what} {value:.3g} (target {op} {target:g})")
+    if missed:
+        raise PipelineError("benchmark target missed: " + "; ".join(missed))
+
+
+def _write(json_out, res) -> None:
+    if json_out:
+        from pipeline.core.fileio import write_json
+
+        write_json(json_out, res)
+
+
+@bench.command("extract")
+@click.option("--images", "images", multiple=True, default=["../shared/data/flickr8k/images"], show_default=True,
+              help="Image files, folders or globs to run over (repeatable).")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(0), help="Use the first N images (0: all).")
+@click_options(ExtractConfig)
+@click.option("--target-ratio", default=0.85, show_default=True, type=click.FloatRange(0),
+              help="Least full-extract / bare-forward throughput ratio.")
+@click.option("--max-memory-mb", default=2048, show_default=True, type=click.FloatRange(0),
+              help="Most peak resident memory of any one process (main or decode worker).")
+@click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the figures as JSON.")
+def bench_extract_cmd(images, limit, target_ratio, max_memory_mb, json_out, **options):
+    """Bare encoder forward vs full `extract` throughput on the same images, and their ratio."""
+    from pipeline.bench.bench import bench_extract
+
+    cfg, _ = ExtractConfig.pick(options)
+    res = bench_extract(list(images), cfg, limit=limit, log=click.echo)
+    _write(json_out, res)
+    check_targets([("ratio extract / bare", res["ratio"], target_ratio, ">="),
+                   ("peak memory MB", max(res["peak_rss_main_mb"], res["peak_rss_worker_mb"]), max_memory_mb, "<=")])
+
+
+@bench.command("train")
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(),
+              help="A prepared and extracted cache.")
+@click_options(TrainConfig)
+@click.option("--max-batches", default=0, show_default=True, type=click.IntRange(0),
+              help="Time only the first N batches of the epoch (0: the whole epoch).")
+@click.option("--notebook-batches", default=10, show_default=True, type=click.IntRange(1),
+              help="Batches timed the notebook way (ResNet at every step).")
+@click.option("--target-ratio", default=0.9, show_default=True, type=click.FloatRange(0),
+              help="Least train-from-cache / bare-decoder-step throughput ratio.")
+@click.option("--target-speedup", default=10.0, show_default=True, type=click.FloatRange(0),
+              help="Least speed-up of training from the cache over the notebook way.")
+@click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the figures as JSON.")
+def bench_train_cmd(cache_dir, max_batches, notebook_batches, target_ratio, target_speedup, json_out, **options):
+    """Bare decoder step vs `train` from the cache vs the ResNet-every-step notebook way."""
+    from pipeline.bench.bench import bench_train
+
+    cfg, _ = TrainConfig.pick(options)
+    res = bench_train(cache_dir, cfg, notebook_batches=notebook_batches, max_batches=max_batches, log=click.echo)
+    _write(json_out, res)
+    check_targets([("ratio train / bare", res["ratio"], target_ratio, ">="),
+                   ("speed-up over the notebook way", res["speedup_vs_notebook"], target_speedup, ">=")])
+
+
+@bench.command("blind")
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(),
+              help="A prepared and extracted cache with train, val and SPLIT images.")
+@click_options(TrainConfig, exclude=("blind",))
+@click_options(EvaluateConfig, prefix="eval_")
+@click.option("--target", default=2.0, show_default=True, type=click.FloatRange(0),
+              help="Least CIDEr ratio seeing / blind.")
+@click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the figures as JSON.")
+def bench_blind_cmd(cache_dir, target, json_out, **options):
+    """Train and evaluate the decoder seeing the images and image-blind; compare their CIDEr.
+
+    With `pipeline --params params.yaml bench blind`, both runs use params.yaml's train and evaluate
+    settings, so the blind decoder is trained exactly as `dvc repro` trains the real one.
+    """
+    from pipeline.bench.bench import bench_blind
+
+    cfg, rest = TrainConfig.pick(options)
+    ecfg, _ = EvaluateConfig.pick(rest, prefix="eval_")
+    click.echo(f"bench blind: {cache_dir}, {cfg.epochs} epochs, hidden {cfg.hidden_size}, {ecfg.split} split")
+    res = bench_blind(cache_dir, cfg, ecfg, log=click.echo)
+    res["target"] = target
+    _write(json_out, res)
+    check_targets([("CIDEr seeing / blind", res["cider_ratio"], target, ">=")])
+
+
+bench_extract_cmd.params_sections = {ExtractConfig: ""}
+bench_train_cmd.params_sections = {TrainConfig: ""}
+bench_blind_cmd.params_sections = {TrainConfig: "", EvaluateConfig: "eval_"}

@@ -1,0 +1,122 @@
+"""One source of truth: dvc.yaml's deps are the code each stage imports; params.yaml, the configs and the
+CLI name the same settings with the same defaults."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import MISSING, fields
+
+import click
+import pytest
+import yaml
+from layout import REPO, stage_closures
+
+from pipeline.cli import COMMANDS, main
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.extract.config import ExtractConfig
+from pipeline.prepare.config import PrepareConfig
+from pipeline.train.config import TrainConfig
+
+CONFIGS = {"prepare": PrepareConfig, "extract": ExtractConfig, "train": TrainConfig, "evaluate": EvaluateConfig}
+DVC_ONLY_SECTIONS = {"data"}  # read by dvc.yaml's templating, by no stage
+
+
+def dvc_stages() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def code_deps(stage: dict) -> list[str]:
+    return [d for d in stage["deps"] if isinstance(d, str) and d.startswith("pipeline")]
+
+
+def covered(path: str, deps: list[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+@pytest.mark.parametrize("stage", sorted(CONFIGS))
+def test_dvc_deps_are_exactly_the_code_the_stage_imports(stage):
+    closure = stage_closures()[stage]
+    deps = code_deps(dvc_stages()[stage])
+    missing = sorted(f for f in closure if not covered(f, deps))
+    assert not missing, f"dvc.yaml's {stage} stage imports but does not list: {missing}"
+    listed = {p.relative_to(REPO).as_posix() for d in deps for p in
+              ([REPO / d] if (REPO / d).is_file() else (REPO / d).rglob("*.py"))}
+    extra = sorted(listed - closure)
+    assert not extra, f"dvc.yaml's {stage} stage lists code it never imports (touching it would rerun it): {extra}"
+    assert all((REPO / d).exists() for d in deps), deps
+
+
+def test_stage_commands_load_no_other_stage():
+    """Loading `pipeline train` imports no module of extract (and so on): what the closure test reads from
+    the code is also what happens at run time."""
+    for stage in CONFIGS:
+        others = [s for s in CONFIGS if s != stage]
+        code = (f"import sys; from pipeline.cli import main; main.get_command(None, {stage!r}); "
+                f"print(sorted(m for m in sys.modules if m.split('.')[1:2] and m.split('.')[1] in {others!r}))")
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "[]", (stage, out.stdout, out.stderr[-2000:])
+
+
+def test_params_yaml_names_every_setting_of_every_stage():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert set(params) == set(CONFIGS) | DVC_ONLY_SECTIONS
+    for section, cls in CONFIGS.items():
+        assert list(params[section]) == cls.names(), f"params.yaml's {section} section differs from {cls.__name__}"
+        cls.from_dict(params[section])  # every value passes the config's checks
+    for name, stage in dvc_stages().items():
+        assert stage["params"] == [name], f"stage {name} must depend on its own params section only"
+
+
+def option_defaults(command: click.Command) -> dict:
+    return {p.name: p.default for p in command.params if isinstance(p, click.Option)}
+
+
+@pytest.mark.parametrize("stage", sorted(CONFIGS))
+def test_cli_options_are_the_config_fields_with_the_same_defaults(stage):
+    cls = CONFIGS[stage]
+    options = option_defaults(main.get_command(None, stage))
+    for f in fields(cls):
+        assert f.name in options, f"`pipeline {stage}` has no --{f.name.replace('_', '-')}"
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if f.metadata.get("required"):
+            continue
+        assert options[f.name] == default, f"`pipeline {stage} --{f.name}` default {options[f.name]!r} != {default!r}"
+
+
+def test_caption_and_bench_use_the_same_settings():
+    caption = option_defaults(main.get_command(None, "caption"))
+    for name in ("beam_size", "max_length", "length_penalty", "device"):
+        assert caption[name] == EvaluateConfig.defaults()[name]
+    blind = option_defaults(main.get_command(None, "bench").commands["blind"])
+    for f in fields(TrainConfig):
+        if f.name != "blind":
+            assert blind[f.name] == TrainConfig.defaults()[f.name]
+    for name, value in EvaluateConfig.defaults().items():
+        assert blind[f"eval_{name}"] == value
+    assert set(COMMANDS) >= set(CONFIGS)
+
+
+def test_params_file_feeds_each_command_and_refuses_unknown_settings(tmp_path):
+    from click.testing import CliRunner
+
+    params = tmp_path / "params.yaml"
+    params.write_text("train: {lrr: 0.1}\n")
+    r = CliRunner().invoke(main, ["--params", str(params), "train", "--cache-dir", str(tmp_path)])
+    assert r.exit_code != 0 and "train.lrr is not a setting of train" in r.output and "Traceback" not in r.output
+    params.write_text("train: {epochs: 0}\n")
+    r = CliRunner().invoke(main, ["--params", str(params), "train", "--cache-dir", str(tmp_path)])
+    assert r.exit_code != 0 and "epochs" in r.output and "Traceback" not in r.output
+
+
+def test_bad_settings_from_python_are_refused_like_on_the_command_line():
+    from pipeline.core.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=r"train.lr must be > 0"):
+        TrainConfig(lr=0).check()
+    with pytest.raises(PipelineError, match=r"extract.arch must be one of"):
+        ExtractConfig(arch="vgg16").check()
+    with pytest.raises(PipelineError, match=r"evaluate.beam_size must be int"):
+        EvaluateConfig(beam_size="3").check()
+    with pytest.raises(PipelineError, match="unknown setting"):
+        TrainConfig.from_dict({"learning_rate": 1})
