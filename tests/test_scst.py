@@ -12,12 +12,26 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer
 from pipeline.core.vocab import SPECIALS, Vocabulary
 from pipeline.decoder.data import CaptionData
 from pipeline.decoder.decode import greedy_decode
-from pipeline.decoder.model import CaptionDecoder, ModelConfig
+from pipeline.decoder.model import CaptionDecoder, ModelConfig, ModelSettings
 from pipeline.scst import cider
-from pipeline.scst.cider import (DF_NAME, CiderD, DocFreq, build_doc_freq, ids_to_text, load_or_build_df,
-                                 pycoco_cider_d, with_end)
-from pipeline.scst.sample import (greedy_baseline, greedy_captions, leave_one_out_baseline, sample_captions,
-                                  scst_loss, sequence_logprobs)
+from pipeline.scst.cider import (
+    DF_NAME,
+    CiderD,
+    DocFreq,
+    build_doc_freq,
+    ids_to_text,
+    load_or_build_df,
+    pycoco_cider_d,
+    with_end,
+)
+from pipeline.scst.sample import (
+    greedy_baseline,
+    greedy_captions,
+    leave_one_out_baseline,
+    sample_captions,
+    scst_loss,
+    sequence_logprobs,
+)
 
 PAD, START, END, UNK = 0, 1, 2, 3
 V = 20  # few words, so captions repeat words and n-grams (clipping and df > 1 get exercised)
@@ -201,7 +215,7 @@ def one_thread():
 def tiny_decoder(seed: int = 0, banned_bias: float = 0.0, end_bias: float = 0.0) -> CaptionDecoder:
     """A random 12-word CaptionDecoder; banned_bias pushes <pad>/<start>/<unk> up, end_bias moves <end>."""
     torch.manual_seed(seed)
-    model = CaptionDecoder(ModelConfig(feature_dim=6, vocab_size=12, embed_size=8, hidden_size=16))
+    model = CaptionDecoder(ModelConfig.of(ModelSettings(embed_size=8, hidden_size=16), 6, 12))
     with torch.no_grad():
         model.out.weight.mul_(4.0)  # peakier distributions than the default init, so samples differ by image
         model.out.bias[[PAD, START, UNK]] += banned_bias

@@ -26,9 +26,9 @@ import hashlib
 import time
 import zipfile
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -168,7 +168,7 @@ class DocFreq:
                      fingerprint=np.str_(self.fingerprint))
 
     @classmethod
-    def load(cls, path: str | Path) -> "DocFreq":
+    def load(cls, path: str | Path) -> DocFreq:
         """Read a file written by save; ValueError if it is of another format."""
         with np.load(path, allow_pickle=False) as z:
             if int(z["format"]) != DF_FORMAT or int(z["n"]) != N:
@@ -190,7 +190,7 @@ class _References:
     slot: np.ndarray  # (R,) rank of each reference within its image
 
     @classmethod
-    def group(cls, tokens, lengths, images) -> "_References":
+    def group(cls, tokens, lengths, images) -> _References:
         tokens, lengths = _np(tokens).astype(np.int64, copy=False), _np(lengths).astype(np.int64, copy=False)
         images = _np(images).astype(np.int64, copy=False)
         if len(images) and images.min() < 0:
@@ -329,7 +329,7 @@ class CiderD:
         self.pair_tf = np.concatenate(tfs) if tfs else np.zeros((0, S), np.uint8)  # (Q, S)
 
     @classmethod
-    def from_data(cls, doc_freq: DocFreq, data, split: str = "train", sigma: float = SIGMA) -> "CiderD":
+    def from_data(cls, doc_freq: DocFreq, data, split: str = "train", sigma: float = SIGMA) -> CiderD:
         """References = the label rows (+ <end>) of `split`'s valid images, indexed by manifest row."""
         tokens, lengths, images = _split_references(data, split)
         return cls(doc_freq, tokens, lengths, images, sigma)

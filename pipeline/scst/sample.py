@@ -18,8 +18,8 @@ needs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -48,13 +48,19 @@ def _banned(banned_ids: Sequence[int], device) -> Tensor:
 
 
 def sample_captions(model: StepModel, features: Tensor, k: int, max_length: int, start_id: int, end_id: int,
-                    banned_ids: Sequence[int] = (), generator: torch.Generator | None = None) -> Samples:
+                    banned_ids: Sequence[int] = (), generator: torch.Generator | None = None,
+                    uniforms: Tensor | None = None) -> Samples:
     """Draw k captions per image by multinomial sampling, all B*k rows advancing together.
 
     features (B, D) -> Samples with N = B*k rows, image-major. The image is read once per image
     (init_state on B rows), then the state is repeated k times. T is the number of steps taken:
     max_length, or fewer when every caption has ended. Keeps the graph for the log-probs, so
     call it with grad enabled and the model in the mode it should train in.
+
+    uniforms (N, max_length) in [0, 1), optional: draw row n's token t by inverting the cumulative
+    distribution at uniforms[n, t] instead of torch.multinomial. A row's caption then depends only on
+    its own numbers, not on which other rows share the batch, so torchrun ranks that each take a
+    slice of a global batch sample what one process would.
     """
     if k < 1 or max_length < 1:
         raise ValueError(f"k and max_length must be >= 1, got {k} and {max_length}")
@@ -67,7 +73,13 @@ def sample_captions(model: StepModel, features: Tensor, k: int, max_length: int,
     for _ in range(max_length):
         logits, state = model.step(inp, state)  # (N, V)
         logp = _policy_logprobs(logits, banned)  # (N, V)
-        word = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(1)  # (N,)
+        probs = logp.detach().exp()  # (N, V)
+        if uniforms is None:
+            word = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (N,)
+        else:  # inverse CDF: the first id whose cumulative probability exceeds u
+            u = uniforms[:, len(tokens)].to(probs.device, probs.dtype).unsqueeze(1)  # (N, 1)
+            word = (probs.cumsum(1) <= u).sum(1).clamp_max(probs.shape[1] - 1)  # (N,)
+            word = torch.where(probs.gather(1, word.unsqueeze(1)).squeeze(1) > 0, word, probs.argmax(1))
         word = word.masked_fill(finished, end_id)  # finished rows repeat <end>
         lp = logp.gather(1, word.unsqueeze(1)).squeeze(1).masked_fill(finished, 0.0)  # (N,)
         tokens.append(word)
