@@ -22,6 +22,7 @@ COMMANDS = {
     "prepare": "pipeline.prepare.cli:prepare",
     "extract": "pipeline.extract.cli:extract",
     "train": "pipeline.train.cli:train",
+    "scst": "pipeline.scst.cli:scst",
     "evaluate": "pipeline.evaluate.cli:evaluate",
     "caption": "pipeline.caption.cli:caption",
     "download": "pipeline.acquire.cli:download",
@@ -78,7 +79,7 @@ def default_map(command: click.Command, params: dict, path: str) -> dict:
 def main(ctx: click.Context, params_file: str | None) -> None:
     """Show-and-Tell image captioning: cache frozen-ResNet features once, retrain decoders in minutes.
 
-    Stages: prepare -> extract -> train -> evaluate, plus caption for new images.
+    Stages: prepare -> extract -> train -> scst -> evaluate, plus caption for new images.
     `dvc repro` runs them all from params.yaml (see dvc.yaml).
     """
     if params_file and ctx.invoked_subcommand:

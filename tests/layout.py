@@ -60,7 +60,9 @@ STAGE_ENTRIES = {
     "prepare": ("pipeline.cli", "pipeline.prepare.cli"),
     "extract": ("pipeline.cli", "pipeline.extract.cli"),
     "train": ("pipeline.cli", "pipeline.train.cli"),
+    "scst": ("pipeline.cli", "pipeline.scst.cli"),
     "evaluate": ("pipeline.cli", "pipeline.evaluate.cli"),
+    "evaluate_xe": ("pipeline.cli", "pipeline.evaluate.cli"),
 }
 
 

@@ -49,20 +49,24 @@ def test_repro_reruns_only_what_changed(tmp_path):
     make_demo_data(proj / "data" / "demo", n_train=16, n_val=4, n_test=4, image_size=32)
     for section, key, value in [("prepare", "vocab_threshold", 1), ("extract", "resize", 40), ("extract", "crop", 32),
                                 ("extract", "batch_size", 8), ("train", "embed_size", 16), ("train", "hidden_size", 16),
-                                ("train", "epochs", 1), ("train", "batch_size", 16), ("evaluate", "beam_size", 1)]:
+                                ("train", "epochs", 1), ("train", "batch_size", 16), ("scst", "epochs", 1),
+                                ("scst", "batch_size", 8), ("evaluate", "beam_size", 1)]:
         set_param(proj, section, key, value)
 
-    assert ran(dvc(proj, "repro")) == {"prepare", "extract", "train", "evaluate"}
+    assert ran(dvc(proj, "repro")) == {"prepare", "extract", "train", "scst", "evaluate", "evaluate_xe"}
     assert ran(dvc(proj, "repro")) == set()  # nothing changed: nothing reruns
     assert "up to date" in dvc(proj, "status").lower()
 
     set_param(proj, "train", "lr", 0.005)
     status = dvc(proj, "status")
     assert "train:" in status and "prepare:" not in status and "extract:" not in status
-    assert ran(dvc(proj, "repro")) == {"train", "evaluate"}
+    assert ran(dvc(proj, "repro")) == {"train", "scst", "evaluate", "evaluate_xe"}
 
     set_param(proj, "train", "hidden_size", 24)
-    assert ran(dvc(proj, "repro")) == {"train", "evaluate"}
+    assert ran(dvc(proj, "repro")) == {"train", "scst", "evaluate", "evaluate_xe"}
+
+    set_param(proj, "scst", "lr", 0.001)  # SCST settings rerun SCST and the final evaluation only
+    assert ran(dvc(proj, "repro")) == {"scst", "evaluate"}
 
     # touching a module makes exactly the stages that import it stale (dvc status), and nothing else
     closures = stage_closures()
@@ -77,7 +81,9 @@ def test_repro_reruns_only_what_changed(tmp_path):
     assert "up to date" in dvc(proj, "status").lower()
 
     set_param(proj, "extract", "arch", "resnet34")
-    assert ran(dvc(proj, "repro")) == {"extract", "train", "evaluate"}
+    assert ran(dvc(proj, "repro")) == {"extract", "train", "scst", "evaluate", "evaluate_xe"}
 
     shown = dvc(proj, "metrics", "show")
-    assert "metrics/eval.json" in shown and "CIDEr" in shown and "metrics/train/train.json" in shown
+    for path in ("metrics/eval.json", "metrics/eval_xe.json", "metrics/train/train.json", "metrics/scst/scst.json"):
+        assert path in shown, shown
+    assert "CIDEr" in shown

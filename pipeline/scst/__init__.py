@@ -1,0 +1,1 @@
+"""Self-critical sequence training (SCST) from the feature cache: CIDEr-D reward, sampling, loss."""

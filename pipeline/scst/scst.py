@@ -1,0 +1,371 @@
+"""Self-critical sequence training (SCST) from the feature cache: optimise CIDEr-D directly.
+
+Starts from a cross-entropy checkpoint (train's best.pt) and trains the same decoder with REINFORCE:
+for each training image, sample K captions (multinomial), reward each with its CIDEr-D against the
+image's reference captions (`pipeline.scst.cider`, document frequencies of the training split,
+<end> counted as a word), and push up the log-probability of the samples that beat the baseline:
+
+    loss = -sum_k (r_k - b_k) * log p(caption_k) / number of sampled tokens
+    b_k  = mean reward of the image's other K-1 samples        (baseline "loo", Luo 2020)
+         | reward of the image's greedy caption                 (baseline "greedy", Rennie et al. 2017)
+
+The CNN is never run: like train, this reads the cached features only. After every epoch rank 0
+decodes the validation images greedily and keeps the best CIDEr as best.pt; the cross-entropy model
+itself is scored first (epoch 0), so best.pt is never worse on validation than where SCST started.
+Checkpoints have train's format, so evaluate and caption take them as they are.
+
+Outputs:  OUT/last.pt, OUT/best.pt
+          METRICS/scst_steps.csv   step, epoch, reward, baseline, length, loss
+          METRICS/scst_epochs.json one row per epoch: mean reward, baseline, sampled length, val CIDEr...
+          METRICS/scst.json        the best epoch and its scores (dvc metrics)
+          METRICS/scst.png         reward and baseline per step, validation CIDEr per epoch
+
+Reproducibility and resume: each epoch's image order and sampling numbers come from (seed, epoch)
+alone (the captions are drawn by inverting each row's distribution at its own uniform number), so
+`--resume` from last.pt (written after every epoch) ends exactly where an uninterrupted run would
+(on the CPU), and N ranks sample the captions one process would.
+Many processes (torchrun): every rank takes an interleaved slice of each batch's images (all K
+samples of an image stay on one rank, as the leave-one-out baseline needs), weights its loss by its
+share of the batch's sampled tokens, and the gradients are summed over the ranks before the step,
+so N processes take the 1-process step up to float rounding.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.core import distributed
+from pipeline.core.errors import PipelineError
+from pipeline.core.fileio import write_json, write_text
+from pipeline.core.runtime import choose_device
+from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder, save_checkpoint
+from pipeline.decoder.data import CaptionData, load_cache
+from pipeline.decoder.model import CaptionDecoder, ModelConfig
+from pipeline.scst.cider import CiderD, load_or_build_df
+from pipeline.scst.config import ScstConfig
+from pipeline.scst.sample import greedy_baseline, greedy_captions, leave_one_out_baseline, sample_captions, scst_loss
+from pipeline.train.train import rank_seed, validate
+
+SCORE_KEYS = ("val_loss", "CIDEr", "BLEU-4")
+STEP_KEYS = ("reward", "baseline", "length", "loss")
+
+
+@dataclass
+class ScstState:
+    """Where a run stands; saved in every checkpoint (as a plain dict) so --resume continues exactly."""
+
+    epoch: int = 0
+    step: int = 0
+    best_epoch: int = 0  # 0: the cross-entropy checkpoint itself
+    best: dict = field(default_factory=dict)
+    best_score: float = -math.inf
+    history: list = field(default_factory=list)  # one row per epoch, epoch 0 = the starting point
+    seconds: float = 0.0
+    samples: int = 0  # sampled captions trained on
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ScstState:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class ScstSummary:
+    epochs_run: int
+    best_epoch: int
+    start: dict  # validation scores of the cross-entropy checkpoint
+    best: dict
+    seconds: float
+    samples_per_second: float
+    out: str
+
+    def line(self) -> str:
+        cider = f"validation CIDEr {self.start.get('CIDEr', float('nan')):.4f} -> {self.best.get('CIDEr', float('nan')):.4f}"
+        return (f"scst: {self.epochs_run} epoch(s), {self.seconds:.1f} s ({self.samples_per_second:.0f} sampled "
+                f"captions/s); {cider} (best epoch {self.best_epoch}) -> {self.out}")
+
+
+@dataclass
+class Run:
+    """What one `scst` call works with, built once by `setup`."""
+
+    cfg: ScstConfig
+    data: CaptionData
+    model: CaptionDecoder
+    model_cfg: ModelConfig
+    opt: torch.optim.Optimizer
+    scorer: CiderD
+    device: torch.device
+    dist: distributed.Context
+    train_images: torch.Tensor  # (N_train,) image rows with a valid feature and reference captions
+    val_images: torch.Tensor  # (N_val,) image rows decoded at validation
+    references: dict  # row -> tokenized references of val_images
+    init: str  # the cross-entropy checkpoint SCST started from
+    out: Path
+    metrics_dir: Path
+    log: Callable[[str], None]
+    steps_log: list = field(default_factory=list)
+
+    @property
+    def last(self) -> Path:
+        return self.out / "last.pt"
+
+
+def scst(cache_dir: str | os.PathLike = "cache", init: str | os.PathLike = "checkpoints/best.pt",
+         out: str | os.PathLike = "checkpoints/scst", metrics_dir: str | os.PathLike = "metrics/scst",
+         cfg: ScstConfig | None = None, resume: bool = False, progress: bool = True,
+         log: Callable[[str], None] = print) -> ScstSummary:
+    """Self-critical training of the decoder in `init` on the cache in `cache_dir`.
+
+    Writes OUT/best.pt (best validation CIDEr, the starting model included), OUT/last.pt and the
+    METRICS files of the module docstring; builds cache_dir/cider_df.npz when it is missing or stale.
+    Refuses (PipelineError) a bad setting, a leave-one-out baseline with fewer than 2 samples, a
+    missing or foreign `init` checkpoint or one trained on another cache, and a cache without
+    training captions.
+    """
+    cfg = cfg or ScstConfig()
+    cfg.check()
+    if cfg.baseline == "loo" and cfg.samples < 2:
+        raise PipelineError("scst.baseline loo compares each sample with the image's other samples: set "
+                            "scst.samples >= 2, or scst.baseline greedy")
+    run = setup(Path(cache_dir), Path(init), Path(out), Path(metrics_dir), cfg, log)
+    state = resume_or_start(run, resume)
+    for epoch in range(state.epoch, cfg.epochs):
+        train_epoch(run, state, epoch, progress)
+        end_of_epoch(run, state, epoch)
+    if run.dist.is_main:
+        write_logs(run, state, final=True)
+    start = state.history[0] if state.history else {}
+    return ScstSummary(epochs_run=state.epoch, best_epoch=state.best_epoch,
+                       start={k: start[k] for k in SCORE_KEYS if k in start}, best=dict(state.best),
+                       seconds=state.seconds, samples_per_second=state.samples / state.seconds if state.seconds else 0.0,
+                       out=str(out))
+
+
+def setup(cache_dir: Path, init: Path, out: Path, metrics_dir: Path, cfg: ScstConfig, log) -> Run:
+    """Device, cache, the starting decoder and its optimizer, and the CIDEr-D scorer of the train split."""
+    dist = distributed.context()
+    device = choose_device(cfg.device, dist.local_rank if dist.enabled else None)
+    data = load_cache(cache_dir)
+    ckpt = load_checkpoint(init)
+    cache = ckpt.get("cache", {})
+    if cache.get("vocab") != data.fingerprints["vocab"] or cache.get("features") != data.fingerprints["features"]:
+        raise PipelineError(f"{init} was trained on another cache (vocabulary or features differ): point --init at "
+                            f"a checkpoint trained on {cache_dir}, or --cache-dir at the cache it was trained on")
+    model, _, _ = restore_decoder(ckpt, device)
+    model_cfg = ModelConfig(**ckpt["model_config"])
+    with_refs = np.unique(data.caption_image[data.caption_rows("train")].numpy())  # valid train images with captions
+    if len(with_refs) == 0:
+        raise PipelineError(f"{cache_dir} has no training captions with a valid image: check `pipeline prepare`'s summary")
+
+    def build_df() -> None:  # rank 0 builds cider_df.npz once; the others then read it
+        load_or_build_df(cache_dir, data)
+
+    dist.decide(build_df)
+    scorer = CiderD.from_data(load_or_build_df(cache_dir, data), data, "train")
+    val_images = data.image_rows("val")
+    if cfg.val_images:
+        val_images = val_images[: cfg.val_images]
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    return Run(cfg, data, model, model_cfg, opt, scorer, device, dist, torch.from_numpy(with_refs), val_images,
+               data.references(val_images), str(init), out, metrics_dir, log if dist.is_main else (lambda m: None))
+
+
+def resume_or_start(run: Run, resume: bool) -> ScstState:
+    """With `resume` and a last.pt: its weights, optimizer and state. Else score the starting model
+    (epoch 0 of the history) and keep it as best.pt."""
+    def resumable() -> bool:
+        if not (resume and run.last.exists()):
+            return False
+        ckpt = load_checkpoint(run.last)
+        if ckpt.get("scst", {}).get("init") != run.init or ckpt["model_config"] != run.model_cfg.as_dict():
+            raise PipelineError(f"{run.last} continues SCST from another checkpoint or model than --init "
+                                f"{run.init}: drop --resume, or pass the --init it started from")
+        return True
+
+    if run.dist.decide(resumable):
+        ckpt = load_checkpoint(run.last)
+        run.model.load_state_dict(ckpt["model"])
+        run.opt.load_state_dict(ckpt["optimizer"])
+        state = ScstState.from_dict(ckpt["train_state"])
+        run.steps_log = [r for r in read_steps(run.metrics_dir / "scst_steps.csv") if r["step"] <= state.step]
+        run.log(f"resuming SCST from {run.last}: epoch {state.epoch}, step {state.step}")
+        return state
+    if resume:
+        run.log(f"--resume: no {run.last} yet, starting SCST from {run.init}")
+    state = ScstState()
+    if run.dist.is_main:
+        row = {"epoch": 0, "step": 0, **validate(run.model, run.data, run.cfg, run.device, run.val_images, run.references)}
+        state.history.append(row)
+        state.best_score, state.best = row.get("CIDEr", -math.inf), {k: row[k] for k in SCORE_KEYS if k in row}
+        run.log("start: " + " ".join(f"{k} {row[k]:.4f}" for k in SCORE_KEYS if k in row) + f" ({run.init})")
+        save(run, state, run.out / "best.pt")
+    return state
+
+
+def scst_step(run: Run, images: torch.Tensor, uniforms: torch.Tensor) -> dict:
+    """One SCST update on this rank's image rows (B,) of a global batch, sampling with this rank's rows
+    of the batch's uniforms (B*k, max_length); returns the batch's global sums: reward, baseline,
+    length, loss (times the rank's samples) and the sample count."""
+    cfg, data, dist, v = run.cfg, run.data, run.dist, run.data.vocab
+    banned = (v.pad_id, v.start_id, v.unk_id)
+    k = cfg.samples
+    feats = data.features[images].to(run.device).float()  # (B, D)
+    run.model.train()
+    s = sample_captions(run.model, feats, k, cfg.max_length, v.start_id, v.end_id, banned,
+                        uniforms=uniforms)  # N = B*k rows
+    rows = images.repeat_interleave(k).numpy()  # (N,) image row of each sample
+    rewards = torch.from_numpy(run.scorer.score(s.tokens.cpu(), s.lengths.cpu(), rows)).float().to(run.device)  # (N,)
+    if cfg.baseline == "loo":
+        base = leave_one_out_baseline(rewards, k)  # (N,)
+    else:
+        g_tokens, g_lengths = greedy_captions(run.model, feats, cfg.max_length, v.start_id, v.end_id, banned)
+        g_rewards = run.scorer.score(g_tokens.cpu(), g_lengths.cpu(), images.numpy())  # (B,)
+        base = greedy_baseline(torch.from_numpy(g_rewards).float().to(run.device), k)
+    loss = scst_loss(s.logprobs, s.mask, rewards, base)  # mean over this rank's sampled tokens
+    tokens = s.mask.sum().double()
+    weight = float(tokens / dist.all_sum(tokens.reshape(1))[0]) * dist.world_size if dist.enabled else 1.0
+    run.opt.zero_grad(set_to_none=True)
+    (loss * weight).backward()
+    if dist.enabled:  # sum of the ranks' token-weighted gradients = the global batch's gradient
+        for p in run.model.parameters():
+            if p.grad is not None:
+                p.grad.copy_(dist.all_sum(p.grad) / dist.world_size)
+    if cfg.clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip)
+    run.opt.step()
+    n = len(rewards)
+    sums = torch.tensor([float(rewards.sum()), float(base.sum()), float(s.lengths.sum()), float(loss.detach()) * n, n],
+                        dtype=torch.float64)
+    return dict(zip((*STEP_KEYS, "n"), dist.all_sum(sums).tolist()))
+
+
+def train_epoch(run: Run, state: ScstState, epoch: int, progress: bool) -> None:
+    """One pass over the training images in (seed, epoch) order, batch_size images a step."""
+    cfg, dist = run.cfg, run.dist
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    order = run.train_images[torch.randperm(len(run.train_images), generator=g)]
+    batches = [b for b in torch.split(order, cfg.batch_size) if len(b) >= dist.world_size]
+    torch.manual_seed(rank_seed(cfg.seed, epoch, dist.rank))  # dropout, reproducible on resume
+    bar = tqdm(total=len(order), unit="img", desc=f"scst {epoch + 1}/{cfg.epochs}", disable=not (progress and dist.is_main),
+               dynamic_ncols=True, file=sys.stderr)
+    t0, totals = time.perf_counter(), dict.fromkeys((*STEP_KEYS, "n"), 0.0)
+    for b in batches:
+        # the batch's sampling numbers come from (seed, epoch, step) and are sliced like its images, so
+        # any number of ranks samples the captions one process would
+        u = torch.rand(len(b), cfg.samples, cfg.max_length, generator=g)  # (B, k, L)
+        mine = slice(dist.rank, None, dist.world_size)
+        sums = scst_step(run, b[mine], u[mine].reshape(-1, cfg.max_length))
+        state.step += 1
+        run.steps_log.append({"step": state.step, "epoch": epoch + 1, **{key: sums[key] / sums["n"] for key in STEP_KEYS}})
+        totals = {key: totals[key] + sums[key] for key in totals}
+        bar.update(len(b))
+        bar.set_postfix(reward=f"{sums['reward'] / sums['n']:.3f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    n = max(totals["n"], 1.0)
+    state.history.append({"epoch": epoch + 1, "step": state.step, "reward": totals["reward"] / n,
+                          "baseline": totals["baseline"] / n, "sample_length": totals["length"] / n,
+                          "seconds": seconds, "samples_per_second": totals["n"] / seconds if seconds else 0.0})
+    state.epoch, state.seconds, state.samples = epoch + 1, state.seconds + seconds, state.samples + int(totals["n"])
+
+
+def end_of_epoch(run: Run, state: ScstState, epoch: int) -> None:
+    """Rank 0 validates (greedy CIDEr), logs, keeps best.pt and writes last.pt and the logs."""
+    if run.dist.is_main:
+        row = state.history[-1]
+        row.update(validate(run.model, run.data, run.cfg, run.device, run.val_images, run.references))
+        improved = row.get("CIDEr", -math.inf) > state.best_score
+        if improved:
+            state.best_score, state.best_epoch = row["CIDEr"], epoch + 1
+            state.best = {k: row[k] for k in SCORE_KEYS if k in row}
+            save(run, state, run.out / "best.pt")
+        run.log(f"scst epoch {epoch + 1}: reward {row['reward']:.4f} baseline {row['baseline']:.4f} "
+                f"length {row['sample_length']:.2f} " + " ".join(f"{k} {row[k]:.4f}" for k in SCORE_KEYS if k in row)
+                + f" {row['samples_per_second']:.0f} samples/s" + (" (best)" if improved else ""))
+        save(run, state, run.last)
+        write_logs(run, state)
+    run.dist.barrier()
+
+
+def save(run: Run, state: ScstState, path: Path) -> None:
+    """A checkpoint in train's format (evaluate and caption read it), plus where SCST started."""
+    data = run.data
+    save_checkpoint(path, {"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+                           "model_config": run.model_cfg.as_dict(), "scst": {"init": run.init, **asdict(run.cfg)},
+                           "vocab": list(data.vocab.tokens), "encoder": data.encoder.as_dict(),
+                           "cache": {k: v for k, v in data.fingerprints.items() if k != "features_settings"},
+                           "epoch": state.epoch, "step": state.step, "train_state": asdict(state),
+                           "rng": {"torch": torch.get_rng_state()}})
+
+
+def read_steps(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{"step": int(r["step"]), "epoch": int(r["epoch"]), **{k: float(r[k]) for k in STEP_KEYS}}
+                for r in csv.DictReader(f)]
+
+
+def write_logs(run: Run, state: ScstState, final: bool = False) -> None:
+    """scst_steps.csv, scst_epochs.json, scst.json (and, once at the end, scst.png)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["step", "epoch", *STEP_KEYS], lineterminator="\n")
+    w.writeheader()
+    for r in run.steps_log:
+        w.writerow({**r, **{k: f"{r[k]:.6f}" for k in STEP_KEYS}})
+    write_text(run.metrics_dir / "scst_steps.csv", buf.getvalue())
+    write_json(run.metrics_dir / "scst_epochs.json", state.history)
+    last = state.history[-1] if state.history else {}
+    write_json(run.metrics_dir / "scst.json", {"best_epoch": state.best_epoch, **state.best, "epochs": state.epoch,
+                                               "steps": state.step, "reward": last.get("reward"),
+                                               "scst_seconds": round(state.seconds, 3)})
+    if final:
+        plot_scst(run.steps_log, state.history, run.metrics_dir / "scst.png",
+                  title=f"SCST from {run.init}: best epoch {state.best_epoch} of {state.epoch}")
+
+
+def plot_scst(steps: list[dict], epochs: list[dict], out: Path, title: str = "") -> Path:
+    """Reward, baseline and sampled length per step (left); validation CIDEr per epoch (right)."""
+    from matplotlib.figure import Figure
+
+    from pipeline.core.fileio import atomic_path
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    if steps:
+        x = [r["step"] for r in steps]
+        left.plot(x, [r["reward"] for r in steps], color="tab:green", label="mean reward (CIDEr-D)")
+        left.plot(x, [r["baseline"] for r in steps], color="tab:gray", linestyle="--", label="mean baseline")
+        length_ax = left.twinx()
+        length_ax.plot(x, [r["length"] for r in steps], color="tab:orange", alpha=0.5, label="sampled length")
+        length_ax.set_ylabel("tokens per sample")
+        length_ax.legend(loc="lower right")
+        left.legend(loc="upper left")
+    left.set(xlabel="step", ylabel="CIDEr-D of the samples", title="training samples")
+    left.grid(alpha=0.3)
+    pts = [(r["epoch"], r["CIDEr"]) for r in epochs if "CIDEr" in r]
+    if pts:
+        right.plot(*zip(*pts), "o-", color="tab:purple", label="validation CIDEr (greedy)")
+        right.axhline(pts[0][1], color="gray", linestyle=":", label=f"cross-entropy start {pts[0][1]:.3f}")
+        right.legend()
+        right.xaxis.get_major_locator().set_params(integer=True)
+    right.set(xlabel="epoch (0: cross-entropy checkpoint)", ylabel="CIDEr (0-10)", title="validation")
+    right.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return out
