@@ -26,9 +26,9 @@ demo: venv
 	$(BIN)/pipeline demo-data data/demo
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show
-	$(BIN)/pipeline --params params.yaml caption data/demo/test --checkpoint checkpoints/best.pt \
+	$(BIN)/pipeline --params params.yaml caption data/demo/test --checkpoint checkpoints/scst/best.pt \
 		--html results/demo.html --json results/demo_captions.json | head -n 8
-	@echo "captions page: results/demo.html    training curves: metrics/train/train.png"
+	@echo "captions page: results/demo.html    curves: metrics/train/train.png, metrics/scst/scst.png"
 
 # The demo's decoder against an image-blind one trained the same way (params.yaml), on the test split.
 blind: venv
@@ -37,6 +37,7 @@ blind: venv
 bench: venv
 	$(BIN)/python -m pipeline bench extract --arch resnet18 --weights none
 	$(BIN)/python -m pipeline bench train
+	$(BIN)/python -m pipeline --params params.yaml bench scst --cache-dir cache
 
 clean:
 	rm -rf cache checkpoints metrics results data/demo dvc_plots

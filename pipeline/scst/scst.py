@@ -53,10 +53,11 @@ from pipeline.core.runtime import choose_device
 from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder, save_checkpoint
 from pipeline.decoder.data import CaptionData, load_cache
 from pipeline.decoder.model import CaptionDecoder, ModelConfig
+from pipeline.decoder.overlap import RECORD_KEY, training_images_record
 from pipeline.scst.cider import CiderD, load_or_build_df
 from pipeline.scst.config import ScstConfig
 from pipeline.scst.sample import greedy_baseline, greedy_captions, leave_one_out_baseline, sample_captions, scst_loss
-from pipeline.train.train import rank_seed, validate
+from pipeline.train.train import rank_seed, refuse_non_finite, validate
 
 SCORE_KEYS = ("val_loss", "CIDEr", "BLEU-4")
 STEP_KEYS = ("reward", "baseline", "length", "loss")
@@ -113,6 +114,7 @@ class Run:
     val_images: torch.Tensor  # (N_val,) image rows decoded at validation
     references: dict  # row -> tokenized references of val_images
     init: str  # the cross-entropy checkpoint SCST started from
+    train_record: dict  # which images the decoder was trained on (the init's record, else this cache's)
     out: Path
     metrics_dir: Path
     log: Callable[[str], None]
@@ -179,8 +181,9 @@ def setup(cache_dir: Path, init: Path, out: Path, metrics_dir: Path, cfg: ScstCo
     if cfg.val_images:
         val_images = val_images[: cfg.val_images]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    return Run(cfg, data, model, model_cfg, opt, scorer, device, dist, torch.from_numpy(with_refs), val_images,
-               data.references(val_images), str(init), out, metrics_dir, log if dist.is_main else (lambda m: None))
+    return Run(cfg, data, model, model_cfg, opt, scorer, device, dist, torch.from_numpy(with_refs).long(), val_images,
+               data.references(val_images), str(init), ckpt.get(RECORD_KEY) or training_images_record(data), out,
+               metrics_dir, log if dist.is_main else (lambda m: None))
 
 
 def resume_or_start(run: Run, resume: bool) -> ScstState:
@@ -302,11 +305,13 @@ def end_of_epoch(run: Run, state: ScstState, epoch: int) -> None:
 
 def save(run: Run, state: ScstState, path: Path) -> None:
     """A checkpoint in train's format (evaluate and caption read it), plus where SCST started."""
+    refuse_non_finite(run.model, path)
     data = run.data
     save_checkpoint(path, {"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
                            "model_config": run.model_cfg.as_dict(), "scst": {"init": run.init, **asdict(run.cfg)},
                            "vocab": list(data.vocab.tokens), "encoder": data.encoder.as_dict(),
                            "cache": {k: v for k, v in data.fingerprints.items() if k != "features_settings"},
+                           RECORD_KEY: run.train_record,  # SCST trains on the same images as cross-entropy did
                            "epoch": state.epoch, "step": state.step, "train_state": asdict(state),
                            "rng": {"torch": torch.get_rng_state()}})
 

@@ -427,10 +427,7 @@ def end_of_epoch(run: Run, state: TrainState, epoch: int) -> bool:
 
 def save(run: Run, state: TrainState, path: Path) -> None:
     """A checkpoint of the decoder, optimizer, state and RNG: everything to resume, evaluate or caption."""
-    bad = [k for k, v in run.trainer.model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise PipelineError(f"refusing to write {path}: the decoder holds non-finite values ({', '.join(bad[:3])}); "
-                            f"training diverged, check the features or lower --lr")
+    refuse_non_finite(run.trainer.model, path)
     rng = {"torch": torch.get_rng_state()}
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
@@ -441,6 +438,14 @@ def save(run: Run, state: TrainState, path: Path) -> None:
                            "cache": {k: v for k, v in data.fingerprints.items() if k != "features_settings"},
                            "epoch": state.epoch, "step": state.step, "train_state": asdict(state), "rng": rng,
                            RECORD_KEY: training_images_record(data)})
+
+
+def refuse_non_finite(model: torch.nn.Module, path: Path) -> None:
+    """Never write a checkpoint whose weights hold inf/NaN: training diverged, and the last good one stays."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise PipelineError(f"refusing to write {path}: the decoder holds non-finite values ({', '.join(bad[:3])}); "
+                            f"training diverged, check the features or lower --lr")
 
 
 def rank_seed(seed: int, epoch: int, rank: int) -> int:
