@@ -1,0 +1,167 @@
+"""Failures a user or the machine causes end in one `Error:` line, keep finished work and leave nothing behind.
+
+Full and read-only disks are real ones: small tmpfs mounts (root only; skipped with the reason otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import run_extract
+from PIL import Image
+
+from pipeline.cli import main
+
+EX = ["--arch", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--batch-size", "4",
+      "--workers", "0", "--quiet"]
+SMALL = dict(arch="resnet18", weights="none", resize=72, crop=64, batch_size=4, workers=0)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "1m", readonly: bool = False):
+    """A fresh tmpfs of `size` at `path` (read-only with `readonly`), unmounted afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if readonly else "")
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
+    except OSError as e:
+        pytest.skip(f"cannot mount a tmpfs ({e})")
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {proc.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(folder: Path, leave: int) -> None:
+    """Fill `folder`'s file system until about `leave` bytes are free."""
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    with open(folder / "filler.bin", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def cli(*args: str):
+    """Run `pipeline ARGS` in-process; returns click's Result (exit_code, output)."""
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+def one_error_line(result) -> str:
+    """The single `Error:` line of a failed command; fails if a traceback or several error lines came out."""
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def copy_cache(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("manifest.json", "vocab.json", "labels.h5"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+# ----------------------------------------------------------------------------- 1. disk full during extract
+def test_extract_on_a_full_disk_is_refused_before_any_work(prepared_cache, tmp_path):
+    with tmpfs(tmp_path / "small", "1m") as small:
+        cache = copy_cache(prepared_cache, small / "cache")
+        fill(small, 8 * 1024)
+        line = one_error_line(cli("extract", "--cache-dir", cache, *EX))
+        assert "not enough free space" in line and "18 x 512 x 2 bytes" in line, line
+        assert not (cache / "features.h5.parts").exists() and not (cache / "features.h5").exists()
+
+
+def test_disk_filling_up_during_extract_keeps_finished_parts(prepared_cache, tmp_path, monkeypatch):
+    import pipeline.extract.extract as ex
+
+    monkeypatch.setattr(ex, "_check_space", lambda *a: None)  # the disk fills up after the check
+    with tmpfs(tmp_path / "small", "1m") as small:
+        cache = copy_cache(prepared_cache, small / "cache")
+        fill(small, 40 * 1024)  # room for the first parts (5 rows x 512 x 4 bytes + overhead), not for all
+        line = one_error_line(cli("extract", "--cache-dir", cache, *EX, "--chunk-size", "5", "--dtype", "float32"))
+        assert "the disk is full" in line and "18 x 512 x 4 bytes" in line and "finished parts are kept" in line, line
+        parts = sorted(p.name for p in (cache / "features.h5.parts").glob("part-*.npz"))
+        assert parts and parts[0] == "part-000000.npz"
+        assert not list(cache.glob(".*.tmp")) and not list((cache / "features.h5.parts").glob(".*.tmp"))
+        (small / "filler.bin").unlink()
+        assert cli("extract", "--cache-dir", cache, *EX, "--chunk-size", "5", "--dtype", "float32").exit_code == 0
+        assert (cache / "features.h5").exists() and not (cache / "features.h5.parts").exists()
+
+
+# ----------------------------------------------------------------------------- 3. absurd aspect ratios
+def test_thin_images_are_bad_images_not_gigabytes(tmp_path):
+    from pipeline.extract.images import Preprocess
+
+    Image.new("RGB", (1, 20000), (255, 0, 0)).save(tmp_path / "strip.png")
+    Image.new("RGB", (100000, 1), (255, 0, 0)).save(tmp_path / "wide.png")
+    Image.new("RGB", (400, 100), (255, 0, 0)).save(tmp_path / "panorama.png")
+    for name in ("strip.png", "wide.png"):
+        image, reason = Preprocess(resize=256, crop=224)(str(tmp_path / name))
+        assert "aspect ratio" in reason and image.shape == (3, 224, 224) and not image.any()
+    image, reason = Preprocess(resize=256, crop=224)(str(tmp_path / "panorama.png"))
+    assert reason == "" and image.any()
+
+
+# ----------------------------------------------------------------------------- 4. weights of another arch
+def test_weights_of_another_arch_name_it_and_leave_nothing(prepared_cache, tmp_path):
+    import torchvision
+
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pt")
+    args = ["--cache-dir", prepared_cache, *EX]
+    line = one_error_line(cli("extract", *[a if a != "none" else str(tmp_path / "r50.pt") for a in args]))
+    assert "does not fit resnet18" in line and "--arch resnet50" in line, line
+    assert not (prepared_cache / "features.h5.parts").exists()
+    assert cli("extract", *args).exit_code == 0  # the corrected rerun is not refused
+
+
+# ----------------------------------------------------------------------------- 2. train's outputs
+TRAIN = ["--epochs", "1", "--batch-size", "8", "--embed-size", "32", "--hidden-size", "48", "--device", "cpu",
+         "--val-images", "2", "--quiet"]
+
+
+@pytest.fixture
+def cache(prepared_cache):
+    run_extract(prepared_cache, **SMALL)
+    return prepared_cache
+
+
+def test_train_checks_its_outputs_before_the_first_epoch(cache, tmp_path):
+    with tmpfs(tmp_path / "full", "1m") as full:
+        fill(full, 16 * 1024)
+        line = one_error_line(cli("train", "--cache-dir", cache, "--out", full / "ckpt", "--metrics-dir",
+                                  tmp_path / "m", *TRAIN))
+        assert "not enough free space" in line and "checkpoints need about" in line, line
+        assert not (tmp_path / "m" / "train_steps.csv").exists()  # refused before any training
+        assert not list((full / "ckpt").glob("*.tmp")) and not list((full / "ckpt").glob(".*.tmp"))
+    with tmpfs(tmp_path / "ro", "1m", readonly=True) as ro:
+        line = one_error_line(cli("train", "--cache-dir", cache, "--out", ro / "ckpt", "--metrics-dir",
+                                  tmp_path / "m", *TRAIN))
+        assert "read-only" in line and "--out" in line, line
+
+
+def test_a_save_that_fails_later_keeps_the_last_good_checkpoint(cache, tmp_path, monkeypatch):
+    import pipeline.train.train as tr
+
+    with tmpfs(tmp_path / "small", "4m") as small:
+        out, metrics = small / "ckpt", tmp_path / "m"
+        assert cli("train", "--cache-dir", cache, "--out", out, "--metrics-dir", metrics, *TRAIN).exit_code == 0
+        good = (out / "last.pt").read_bytes()
+        monkeypatch.setattr(tr, "check_room", lambda run: None)  # the disk fills up after the checks
+        monkeypatch.setattr(tr, "ensure_writable", lambda folder, what: None)
+        fill(small, 4096)
+        args = ["--epochs", "2", *TRAIN[2:]]
+        line = one_error_line(cli("train", "--cache-dir", cache, "--out", out, "--metrics-dir", metrics, *args,
+                                  "--resume"))
+        assert "the disk is full" in line and f"{out / 'last.pt'} is kept" in line and "--resume" in line, line
+        assert (out / "last.pt").read_bytes() == good
+        assert not list(out.glob(".*.tmp"))
+        (small / "filler.bin").unlink()
+        assert cli("train", "--cache-dir", cache, "--out", out, "--metrics-dir", metrics, *args, "--resume").exit_code == 0
+        assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
