@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from conftest import run_extract
 from PIL import Image
 
 from pipeline.cli import main
+from pipeline.core.manifest import load_manifest
 
 EX = ["--arch", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--batch-size", "4",
       "--workers", "0", "--quiet"]
@@ -165,3 +168,99 @@ def test_a_save_that_fails_later_keeps_the_last_good_checkpoint(cache, tmp_path,
         (small / "filler.bin").unlink()
         assert cli("train", "--cache-dir", cache, "--out", out, "--metrics-dir", metrics, *args, "--resume").exit_code == 0
         assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+
+
+# ----------------------------------------------------------------------------- 5. two runs, one output
+HOLDER = """
+import sys, time
+from pipeline.core.locks import hold
+with hold(sys.argv[1], "--out"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_run_is_refused_at_once_and_a_killed_holder_blocks_nothing(cache, tmp_path):
+    out = cache / "other.h5"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        line = one_error_line(cli("extract", "--cache-dir", cache, "--out", out, *EX))
+        assert f"{out} is in use by another run (pid {holder.pid} on host" in line, line
+        assert not (cache / "other.h5.parts").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert cli("extract", "--cache-dir", cache, "--out", out, *EX).exit_code == 0  # the dead run's lock is gone
+
+    ckpt = tmp_path / "ckpt"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(ckpt)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        line = one_error_line(cli("train", "--cache-dir", cache, "--out", ckpt, "--metrics-dir", tmp_path / "m",
+                                  *TRAIN))
+        assert f"in use by another run (pid {holder.pid} on host" in line, line
+        assert not (tmp_path / "m" / "train_steps.csv").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+# ----------------------------------------------------------------------------- 6. read-only and full targets
+def test_read_only_targets_and_a_full_disk_for_html(cache, coco_dataset, tmp_path):
+    with tmpfs(tmp_path / "ro", "1m", readonly=True) as ro:
+        line = one_error_line(cli("prepare", "--dataset", "coco", "--annotations", coco_dataset["annotations"][0],
+                                  "--annotations", coco_dataset["annotations"][1], "--images", coco_dataset["root"],
+                                  "--out-dir", ro / "cache"))
+        assert "read-only" in line and "--out-dir" in line, line
+        line = one_error_line(cli("prepare", "--dataset", "coco", "--annotations", coco_dataset["annotations"][0],
+                                  "--annotations", coco_dataset["annotations"][1], "--images", coco_dataset["root"],
+                                  "--out-dir", ro))
+        assert "read-only" in line, line
+    with tmpfs(tmp_path / "rocache", "1m") as rocache:
+        copy_cache(cache, rocache)
+        subprocess.run(["mount", "-o", "remount,ro", str(rocache)], check=True)
+        line = one_error_line(cli("extract", "--cache-dir", rocache, *EX))
+        assert "read-only" in line and "--out" in line, line
+    assert cli("train", "--cache-dir", cache, "--out", tmp_path / "ckpt", "--metrics-dir", tmp_path / "m",
+               *TRAIN).exit_code == 0
+    image = next(Path(coco_dataset["images"][0]).glob("*.jpg"))
+    with tmpfs(tmp_path / "full", "1m") as full:
+        fill(full, 0)
+        line = one_error_line(cli("caption", image, "--checkpoint", tmp_path / "ckpt" / "last.pt", "--device", "cpu",
+                                  "--html", full / "page.html"))
+        assert "the disk is full" in line and "--html" in line, line
+        assert not list(full.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------- 7. --device gpu
+def test_a_device_typo_is_one_line_on_every_command(cache, tmp_path):
+    assert cli("train", "--cache-dir", cache, "--out", tmp_path / "ckpt", "--metrics-dir", tmp_path / "m",
+               *TRAIN).exit_code == 0
+    ckpt = tmp_path / "ckpt" / "last.pt"
+    image = next(Path(load_manifest(cache).image_dirs[0]).glob("*.jpg"))
+    commands = {
+        "extract": ["extract", "--cache-dir", cache, "--out", tmp_path / "f.h5", *EX],
+        "train": ["train", "--cache-dir", cache, "--out", tmp_path / "c2", "--metrics-dir", tmp_path / "m2", *TRAIN],
+        "evaluate": ["evaluate", "--checkpoint", ckpt, "--cache-dir", cache, "--out", tmp_path / "eval.json"],
+        "caption": ["caption", image, "--checkpoint", ckpt],
+    }
+    for name, args in commands.items():
+        line = one_error_line(cli(*args, "--device", "gpu"))
+        assert line == "Error: --device 'gpu' is not a device: use auto, cpu, cuda or cuda:N", (name, line)
+    assert not (tmp_path / "f.h5.parts").exists() and not (tmp_path / "c2" / "last.pt").exists()
+
+
+# ----------------------------------------------------------------------------- 11. leftovers of killed runs
+def test_stale_temp_files_of_a_killed_run_are_removed_by_the_next(cache, tmp_path):
+    stale = [cache / ".features.h5.abc123.tmp", tmp_path / "ckpt" / ".last.pt.x1y2.tmp",
+             tmp_path / "ckpt" / ".best.pt.zz.tmp", tmp_path / "m" / ".train_steps.csv.q.tmp"]
+    foreign = [cache / ".other.h5.abc.tmp", tmp_path / "ckpt" / "notes.tmp"]
+    for p in stale + foreign:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a file")
+    assert cli("extract", "--cache-dir", cache, *EX, "--force").exit_code == 0
+    assert cli("train", "--cache-dir", cache, "--out", tmp_path / "ckpt", "--metrics-dir", tmp_path / "m",
+               *TRAIN).exit_code == 0
+    assert [p for p in stale if p.exists()] == []
+    assert all(p.exists() for p in foreign)  # only the stage's own target names are touched

@@ -30,7 +30,9 @@ from tqdm import tqdm
 from pipeline.core.cache import LABELS_NAME
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path
+from pipeline.core.locks import hold
 from pipeline.core.manifest import MANIFEST_NAME, SPLITS
+from pipeline.core.storage import ensure_writable, remove_stale_temps, reporting_disk_errors
 from pipeline.core.vocab import VOCAB_NAME, Vocabulary, tokenize
 from pipeline.prepare.config import PrepareConfig
 from pipeline.prepare.datasets import read_dataset
@@ -72,7 +74,21 @@ def prepare(cfg: PrepareConfig, out_dir: str | os.PathLike = "cache") -> Prepare
     with the counts of what was kept, skipped, dropped and cut. Refuses (PipelineError) a bad setting,
     missing or malformed annotation files, a dataset without training captions, and with `cfg.strict`
     any annotated image missing on disk.
+
+    Holds the lock of OUT_DIR while it runs (a second prepare into it is refused at once), refuses an
+    OUT_DIR it cannot write before reading anything, and removes temp files a killed run left there.
     """
+    out = Path(out_dir)
+    with hold(out, "--out-dir"):
+        if out.is_dir():
+            ensure_writable(out, "--out-dir")
+            remove_stale_temps(out, [MANIFEST_NAME, VOCAB_NAME, LABELS_NAME])
+        with reporting_disk_errors(out, "free space, or choose another --out-dir"):
+            return _prepare(cfg, out_dir)
+
+
+def _prepare(cfg: PrepareConfig, out_dir: str | os.PathLike) -> PrepareSummary:
+    """`prepare`, under the lock of `out_dir`."""
     cfg.check()
     dataset, annotations, images = cfg.dataset, cfg.annotations, cfg.images
     vocab_threshold, max_length, strict = cfg.vocab_threshold, cfg.max_length, cfg.strict
