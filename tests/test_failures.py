@@ -6,6 +6,7 @@ Full and read-only disks are real ones: small tmpfs mounts (root only; skipped w
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -264,3 +265,34 @@ def test_stale_temp_files_of_a_killed_run_are_removed_by_the_next(cache, tmp_pat
                *TRAIN).exit_code == 0
     assert [p for p in stale if p.exists()] == []
     assert all(p.exists() for p in foreign)  # only the stage's own target names are touched
+
+
+# ----------------------------------------------------------------------------- 8. malformed annotations
+def _prepare_cli(coco_dataset, out):
+    a = coco_dataset["annotations"]
+    return cli("prepare", "--dataset", "coco", "--annotations", a[0], "--annotations", a[1], "--images",
+               coco_dataset["root"], "--out-dir", out, "--vocab-threshold", "1")
+
+
+def test_malformed_annotations_are_refused_naming_the_entry(coco_dataset, tmp_path):
+    path = coco_dataset["annotations"][0]
+    original = json.loads(path.read_text())
+
+    data = json.loads(json.dumps(original))
+    data["images"][2]["id"] = "abc"
+    path.write_text(json.dumps(data))
+    line = one_error_line(_prepare_cli(coco_dataset, tmp_path / "c1"))
+    assert "images[2]" in line and "'abc'" in line and "not an integer id" in line, line
+
+    data = json.loads(json.dumps(original))
+    data["annotations"][3]["caption"] = ["a", "list"]
+    path.write_text(json.dumps(data))
+    line = one_error_line(_prepare_cli(coco_dataset, tmp_path / "c2"))
+    assert "annotations[3]" in line and "not text" in line, line
+
+    data = json.loads(json.dumps(original))
+    data["annotations"] += [{"id": 9000 + k, "image_id": 123456, "caption": "an orphan"} for k in range(3)]
+    path.write_text(json.dumps(data))
+    result = _prepare_cli(coco_dataset, tmp_path / "c3")
+    assert result.exit_code == 0, result.output
+    assert "left out 3 captions of no listed image" in result.output

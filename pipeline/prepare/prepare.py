@@ -56,10 +56,13 @@ class PrepareSummary:
     cut_captions: int = 0  # captions longer than max_length, truncated
     train_fit_fraction: float = 1.0  # training captions that fit in max_length whole
     train_length_p99: int = 0  # the max_length that keeps 99% of training captions whole
+    unmatched_captions: int = 0  # COCO: captions whose image_id names no image: left out
 
     def line(self) -> str:
         splits = ", ".join(f"{s} {self.split_images.get(s, 0)}" for s in SPLITS)
         extra = f", {self.unsplit_images} in no split list" if self.unsplit_images else ""
+        if self.unmatched_captions:
+            extra += f", left out {self.unmatched_captions} captions of no listed image"
         return (f"prepared {self.dataset}: {self.images} images ({splits}), {self.captions} captions, "
                 f"vocab {self.vocab_size} (threshold {self.vocab_threshold}); skipped {self.skipped_images} "
                 f"missing images{extra}, dropped {self.dropped_empty} empty captions, cut {self.cut_captions} "
@@ -168,4 +171,5 @@ def _prepare(cfg: PrepareConfig, out_dir: str | os.PathLike) -> PrepareSummary:
         split_images={s: len(manifest.indices(s)) for s in SPLITS}, captions=n_captions,
         vocab_size=len(vocab), vocab_threshold=vocab_threshold, max_length=max_length,
         skipped_images=stats.missing_images, unsplit_images=stats.unsplit_images, dropped_empty=dropped,
-        cut_captions=cut, train_fit_fraction=fit, train_length_p99=p99)
+        cut_captions=cut, train_fit_fraction=fit, train_length_p99=p99,
+        unmatched_captions=stats.unmatched_captions)
