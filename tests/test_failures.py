@@ -296,3 +296,25 @@ def test_malformed_annotations_are_refused_naming_the_entry(coco_dataset, tmp_pa
     result = _prepare_cli(coco_dataset, tmp_path / "c3")
     assert result.exit_code == 0, result.output
     assert "left out 3 captions of no listed image" in result.output
+
+
+# ----------------------------------------------------------------------------- 9. caption loses no input
+def test_caption_accounts_for_every_input(cache, tmp_path):
+    assert cli("train", "--cache-dir", cache, "--out", tmp_path / "ckpt", "--metrics-dir", tmp_path / "m",
+               *TRAIN).exit_code == 0
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for k in range(3):
+        Image.new("RGB", (40, 30), (50 * k, 90, 10)).save(folder / f"ok{k}.jpg")
+    (folder / "text.jpg").write_text("not an image")
+    (folder / "x.jpg").mkdir()  # a folder named like an image
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")  # a symlink loop
+    (folder / "dangling.png").symlink_to(folder / "nowhere.png")
+    Image.new("RGB", (1, 20000)).save(folder / "strip.png")
+    (folder / "notes.txt").write_text("not named like an image: not an input")
+    result = cli("caption", folder, "--checkpoint", tmp_path / "ckpt" / "last.pt", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "captioned 3 images, 5 unreadable" in result.output
+    for name in ("text.jpg", "x.jpg", "loop.jpg", "dangling.png", "strip.png"):
+        assert f"skipped {folder / name}: " in result.output, name
+    assert "aspect ratio" in result.output
