@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -318,3 +319,35 @@ def test_caption_accounts_for_every_input(cache, tmp_path):
     for name in ("text.jpg", "x.jpg", "loop.jpg", "dangling.png", "strip.png"):
         assert f"skipped {folder / name}: " in result.output, name
     assert "aspect ratio" in result.output
+
+
+# ----------------------------------------------------------------------------- 10. checkpoint checks
+def test_checkpoint_content_is_validated_at_load(cache, tmp_path):
+    assert cli("train", "--cache-dir", cache, "--out", tmp_path / "ckpt", "--metrics-dir", tmp_path / "m",
+               *TRAIN).exit_code == 0
+    good = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    image = next(Path(load_manifest(cache).image_dirs[0]).glob("*.jpg"))
+
+    def caption_with(name: str, ckpt: dict | None = None, raw: bytes | None = None) -> str:
+        path = tmp_path / name
+        if raw is not None:
+            path.write_bytes(raw)
+        else:
+            torch.save(ckpt, path)
+        return one_error_line(cli("caption", image, "--checkpoint", path, "--device", "cpu"))
+
+    short = {**good, "vocab": good["vocab"][:-3]}
+    line = caption_with("short.pt", short)
+    assert f"vocabulary has {len(good['vocab']) - 3} words but its output layer predicts {len(good['vocab'])}" in line
+
+    line = caption_with("random.pt", raw=np.random.default_rng(0).bytes(5000))
+    assert "is not a checkpoint" in line and "objects other than tensors" not in line, line
+
+    edited = {**good, "model_config": {**good["model_config"], "hidden_size": 64}}
+    line = caption_with("hidden.pt", edited)
+    assert "weight lstm.weight_ih_l0 has shape [192, 32]" in line and "hidden_size=64" in line, line
+    assert line.endswith("retrain it or use another checkpoint"), line
+
+    other_encoder = {**good, "encoder": {**good["encoder"], "feature_dim": 2048}}
+    line = caption_with("encoder.pt", other_encoder)
+    assert "2048-value features but the decoder reads 512" in line, line
