@@ -108,14 +108,15 @@ def build_encoder(spec: EncoderSpec, weights_file: str | os.PathLike | None = No
     model.fc = nn.Identity()
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
+        problem = f"{len(missing)} missing keys, e.g. {missing[:2]}, {len(unexpected)} unexpected, e.g. {unexpected[:2]}"
     except RuntimeError:  # shapes differ: torch's message is many lines long
         missing, unexpected = ["(tensor shapes differ)"], []
+        problem = "its tensors have other shapes"
     if missing or unexpected:
         fits = arch_of_state(state)
         hint = f"it holds {fits} weights: pass --arch {fits}" if fits else \
             f"pass the weights of a torchvision {spec.arch}, saved with torch.save(model.state_dict(), path)"
-        raise PipelineError(f"{path} does not fit {spec.arch} ({len(missing)} missing keys, e.g. {missing[:2]}, "
-                            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}): {hint}")
+        raise PipelineError(f"{path} does not fit {spec.arch} ({problem}): {hint}")
     return Encoder(model)
 
 
