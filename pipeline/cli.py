@@ -52,6 +52,14 @@ class Group(click.Group):
             if isinstance(e, distributed.SharedError) and not distributed.context().is_main:
                 sys.exit(1)  # under torchrun, rank 0 prints the shared message once
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            from pipeline.core.storage import DISK_ERRORS, disk_error
+
+            if e.errno not in DISK_ERRORS:
+                raise
+            # the last resort for a write no stage foresaw: still one line, not a traceback
+            raise click.ClickException(str(disk_error(e, e.filename or "a file", "free space or fix the "
+                                                      "permissions, or choose another output place"))) from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted: finished work is kept; rerun the same command to continue", err=True)
             sys.exit(130)

@@ -38,15 +38,20 @@ class Captioned:
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files, folders (their images, sorted, not recursive) and glob patterns -> a list of paths."""
+    """Files, folders (their images, sorted, not recursive) and glob patterns -> a list of paths.
+
+    Every entry named like an image is kept, whatever it turns out to be (a sub-folder called x.jpg, a
+    symlink loop, a broken link): decoding then lists it as unreadable with its reason, so no input
+    vanishes from the count."""
     paths: list[str] = []
     for item in inputs:
         if os.path.isdir(item):
-            paths += sorted(str(p) for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        elif os.path.exists(item):
+            paths += sorted(str(p) for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif os.path.lexists(item):
             paths.append(item)
         elif glob.has_magic(item):
-            paths += sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            paths += sorted(p for p in glob.glob(item, recursive=True)
+                            if os.path.isfile(p) or Path(p).suffix.lower() in IMAGE_EXTENSIONS)
         else:
             raise PipelineError(f"{item}: no such file, folder or matching pattern")
     if not paths:

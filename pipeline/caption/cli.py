@@ -23,14 +23,17 @@ from pipeline.decoder.decode import DecodeConfig
 def caption(inputs, checkpoint, batch_size, encoder_weights, json_out, html_out, **options):
     """Caption image files: IMAGE, DIR or GLOB... Prints path<TAB>caption."""
     from pipeline.caption.caption import caption_images, write_html, write_results_json
+    from pipeline.core.storage import reporting_disk_errors
 
     cfg, _ = DecodeConfig.pick(options)
     results = caption_images(checkpoint, list(inputs), cfg, batch_size=batch_size, encoder_weights=encoder_weights)
     # The files first: a reader that stops early (`| head`) must not cost the page or the JSON.
     if json_out:
-        write_results_json(results, json_out)
+        with reporting_disk_errors(json_out, "free space, or choose another --json"):
+            write_results_json(results, json_out)
     if html_out:
-        write_html(results, html_out)
+        with reporting_disk_errors(html_out, "free space, or choose another --html"):
+            write_html(results, html_out)
     print_results(results)
     bad = sum(1 for r in results if r.error)
     click.echo(f"captioned {len(results) - bad} images, {bad} unreadable", err=True)

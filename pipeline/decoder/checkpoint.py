@@ -32,6 +32,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"no checkpoint at {path}: train one with `pipeline train`, or pass --checkpoint")
+    if not _looks_like_torch_zip(path):
+        raise PipelineError(f"{path} is not a checkpoint (not a file that torch.save writes): pass a last.pt or "
+                            f"best.pt written by `pipeline train`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -43,6 +46,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                             f"retrain or use another file") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or any(k not in ckpt for k in REQUIRED):
         raise PipelineError(f"{path} is not a `pipeline train` checkpoint (format {FORMAT}): missing or unexpected content")
+    check_content(ckpt, path)
     return ckpt
 
 
@@ -56,5 +60,61 @@ def restore_decoder(ckpt: dict, device: torch.device | str = "cpu") -> tuple[Cap
         encoder = EncoderSpec.from_dict(ckpt["encoder"])
     except (TypeError, KeyError, ValueError, RuntimeError) as e:
         raise PipelineError(f"the checkpoint's content does not fit together ({type(e).__name__}: "
-                            f"{str(e)[:200]}): retrain it") from None
+                            f"{' '.join(str(e).split())[:200]}): retrain it") from None
     return model.to(device).eval(), vocab, encoder
+
+
+def _looks_like_torch_zip(path: Path) -> bool:
+    """torch.save writes a zip archive: a file that does not even start like one is not a checkpoint
+    (a truncated one still does, and gets the "may be truncated" message)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def check_content(ckpt: dict, path: str | os.PathLike) -> None:
+    """Everything a checkpoint holds must fit together before anything is built from it: the model
+    settings, the vocabulary (as long as the output layer), the encoder (its feature size the decoder's
+    input) and every weight's shape. One line names the first thing that does not fit."""
+
+    def bad(what: str) -> PipelineError:
+        return PipelineError(f"{path} is damaged or was edited: {what}; retrain it or use another checkpoint")
+
+    try:
+        cfg = ModelConfig(**ckpt["model_config"])
+    except TypeError as e:
+        raise bad(f"its model_config is not one ({e})") from None
+    sizes = {k: getattr(cfg, k) for k in ("feature_dim", "vocab_size", "embed_size", "hidden_size", "num_layers")}
+    wrong = [f"{k}={v!r}" for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    if wrong:
+        raise bad(f"its model_config has sizes that are not positive integers ({', '.join(wrong)})")
+    vocab = ckpt["vocab"]
+    if not isinstance(vocab, list):
+        raise bad("its vocabulary is not a list of words")
+    if len(vocab) != cfg.vocab_size:
+        raise bad(f"its vocabulary has {len(vocab)} words but its output layer predicts {cfg.vocab_size}")
+    try:
+        Vocabulary(vocab)
+        encoder = EncoderSpec.from_dict(ckpt["encoder"])
+    except (TypeError, KeyError, ValueError) as e:
+        raise bad(f"its vocabulary or encoder record is invalid ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+                  ) from None
+    if encoder.feature_dim != cfg.feature_dim:
+        raise bad(f"its encoder makes {encoder.feature_dim}-value features but the decoder reads {cfg.feature_dim}")
+    if not isinstance(ckpt["model"], dict):
+        raise bad("its model weights are not a state dict")
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        want = {k: tuple(v.shape) for k, v in CaptionDecoder(cfg).state_dict().items()}
+    have = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in ckpt["model"].items()}
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or unexpected:
+        raise bad(f"its weights do not match its model_config ({len(missing)} missing, e.g. {missing[:2]}; "
+                  f"{len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+    for k, shape in want.items():
+        if have[k] != shape:
+            settings = ", ".join(f"{n}={getattr(cfg, n)}" for n in ("feature_dim", "vocab_size", "embed_size",
+                                                                     "hidden_size", "num_layers"))
+            raise bad(f"weight {k} has shape {list(have[k]) if have[k] else 'none'} but its model_config "
+                      f"({settings}) needs {list(shape)}")
+    for k in ("epoch", "step"):
+        if not isinstance(ckpt[k], int) or ckpt[k] < 0:
+            raise bad(f"its {k} is {ckpt[k]!r}, not a count")

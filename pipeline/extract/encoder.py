@@ -154,8 +154,29 @@ def build_encoder(spec: EncoderSpec, weights_file: str | os.PathLike | None = No
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
     model = builder(weights=None)
     model.fc = nn.Identity()
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        problem = f"{len(missing)} missing keys, e.g. {missing[:2]}, {len(unexpected)} unexpected, e.g. {unexpected[:2]}"
+    except RuntimeError:  # shapes differ: torch's message is many lines long
+        missing, unexpected = ["(tensor shapes differ)"], []
+        problem = "its tensors have other shapes"
     if missing or unexpected:
-        raise PipelineError(f"{path} does not fit {spec.arch}: {len(missing)} missing keys (e.g. {missing[:2]}), "
-                            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        fits = arch_of_state(state)
+        hint = f"it holds {fits} weights: pass --arch {fits}" if fits else \
+            f"pass the weights of a torchvision {spec.arch}, saved with torch.save(model.state_dict(), path)"
+        raise PipelineError(f"{path} does not fit {spec.arch} ({problem}): {hint}")
     return Encoder(model)
+
+
+def arch_of_state(state: dict) -> str | None:
+    """The torchvision ResNet whose tensors (names and shapes, fc aside) are exactly those of `state`, if any."""
+    import torchvision
+
+    shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for arch in FEATURE_DIMS:
+        with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+            model = getattr(torchvision.models, arch)(weights=None)
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("fc.")}
+        if want == shapes:
+            return arch
+    return None

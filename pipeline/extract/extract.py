@@ -21,6 +21,7 @@ The same chunks are the unit of work for many processes (torchrun): rank r of W 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -46,8 +47,17 @@ from pipeline.core.cache import (
 )
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path, sha256_json, write_json
+from pipeline.core.locks import hold
 from pipeline.core.manifest import Manifest, load_manifest
 from pipeline.core.runtime import autocast, choose_device, default_workers
+from pipeline.core.storage import (
+    as_disk_error,
+    check_free_space,
+    disk_error,
+    human_bytes,
+    is_disk_error,
+    remove_stale_temps,
+)
 from pipeline.extract.changes import STAT_KEYS, changed_rows, image_stats, read_stats
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.encoder import build_encoder, make_spec, set_layout
@@ -99,8 +109,8 @@ def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = 
     """Extract features for every image in `cache_dir/manifest.json` into `out` (default cache_dir/features.h5).
 
     `cfg` says which encoder, preprocessing and storage type (ExtractConfig's defaults: resnet152 with
-    torchvision's default ImageNet weights and their own preprocessing recipe, 232/224 bilinear, float16). Returns an ExtractSummary: images, how many were
-    computed now, the failures (path, reason). Refuses (PipelineError) a bad setting, a missing
+    torchvision's default ImageNet weights and their own preprocessing recipe, 232/224 bilinear,
+    float16). Returns an ExtractSummary: images, how many were computed now, the failures (path, reason). Refuses (PipelineError) a bad setting, a missing
     manifest, and an existing cache or unfinished extraction made with other settings (unless `force`).
     An up-to-date cache is reported, not recomputed; an interrupted run continues where it stopped.
     An existing cache is checked against the image files (size and mtime, or with `cfg.verify == "hash"`
@@ -113,7 +123,17 @@ def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = 
     a rerun after a crash is balanced again); once every rank's parts are written, rank 0 joins
     them. Which rank computes a chunk does not change its batches, so the file is the same as a
     one-process run's, byte for byte (on the CPU; on GPUs as far as the kernels are deterministic).
+
+    Rank 0 holds the lock of `out` for the whole run (see `pipeline.core.locks`): a second run on the
+    same cache is refused at once. A disk too small for the cache is refused before any work.
     """
+    with contextlib.ExitStack() as locks:
+        return _extract(cache_dir, cfg, out, force, progress, retry_failed, locks)
+
+
+def _extract(cache_dir, cfg: ExtractConfig | None, out, force: bool, progress: bool, retry_failed: bool,
+             locks: contextlib.ExitStack) -> ExtractSummary:
+    """`extract`, with `locks` holding (on rank 0) the lock of `out` until it returns."""
     cfg = cfg or ExtractConfig()
     cfg.check()
     arch, weights, resize, crop, dtype = cfg.arch, cfg.weights, cfg.resize, cfg.crop, cfg.dtype
@@ -122,11 +142,15 @@ def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = 
     out = Path(out) if out else cache_dir / FEATURES_NAME
     parts_dir = out.with_name(out.name + ".parts")
     dist = distributed.context(cfg.dist_timeout)
+    dev = choose_device(cfg.device, dist.local_rank if dist.enabled else None)  # a typo fails before any file is made
     job: dict = {}
 
     def plan():
         """Rank 0: refuse, report up to date, or list the chunks that have no finished part yet."""
         job["manifest"] = manifest = load_manifest(cache_dir)
+        locks.enter_context(hold(out, "--out"))
+        remove_stale_temps(out.parent, [out.name])  # left by a run killed while assembling (as big as the cache)
+        remove_stale_temps(parts_dir, ["part-*.npz", "stats-*.npz", "settings.json"])
         job["spec"] = spec = make_spec(arch, weights, resize, crop, cfg.interpolation, cfg.draft)
         settings = cache_settings(spec, Preprocess.of(spec), dtype, manifest)
         if out.exists() and not force:
@@ -148,7 +172,13 @@ def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = 
         if force:
             shutil.rmtree(parts_dir, ignore_errors=True)
         _prepare_parts_dir(parts_dir, settings, chunk_size)
-        return [c for c in _chunks(len(manifest.images), chunk_size) if not _part_ok(parts_dir, c)], None
+        pending = [c for c in _chunks(len(manifest.images), chunk_size) if not _part_ok(parts_dir, c)]
+        try:
+            _check_space(out, len(manifest.images), sum(e - s for _, s, e in pending), spec.feature_dim, dtype)
+        except PipelineError:
+            _drop_if_empty(parts_dir)
+            raise
+        return pending, None
 
     pending, up_to_date = dist.decide(plan)
     if up_to_date is not None:
@@ -161,13 +191,23 @@ def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = 
     settings = cache_settings(spec, preprocess, dtype, manifest)
     mine = pending[dist.rank::dist.world_size]
 
-    dev = choose_device(cfg.device, dist.local_rank if dist.enabled else None)
     started = time.perf_counter()
     computed = 0
     if mine:
-        computed = _compute(manifest, spec, preprocess, mine, parts_dir, dtype, dev, batch_size,
-                            default_workers(dev) if cfg.workers is None else cfg.workers, cfg.amp,
-                            progress and dist.is_main, cfg.verify, gpu_decode=cfg.gpu_decode)
+        try:
+            computed = _compute(manifest, spec, preprocess, mine, parts_dir, dtype, dev, batch_size,
+                                default_workers(dev) if cfg.workers is None else cfg.workers, cfg.amp,
+                                progress and dist.is_main, cfg.verify, gpu_decode=cfg.gpu_decode)
+        except BaseException as e:
+            if dist.is_main:
+                _drop_if_empty(parts_dir)
+            if is_disk_error(e):  # the disk filled up while parts were written
+                n, d, b = len(manifest.images), spec.feature_dim, np.dtype(NP_DTYPES[dtype]).itemsize
+                raise disk_error(e, parts_dir, f"the cache needs about {n} x {d} x {b} bytes = "
+                                 f"{human_bytes(_cache_bytes(n, d, dtype))} (and as much again for the parts "
+                                 f"while they are joined); finished parts are kept: free space, or use --out "
+                                 f"on a larger disk, and rerun") from None
+            raise
     seconds = time.perf_counter() - started
     done = dist.all_gather((computed, seconds))  # also the barrier: every part is written before rank 0 joins them
 
@@ -178,7 +218,15 @@ def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = 
             raise PipelineError(f"{len(missing)} finished part(s) are not in {parts_dir} (e.g. {missing[0]}): with "
                                 f"several machines the cache folder must be on a filesystem they all share. "
                                 f"Rerun the same command to compute them")
-        _assemble(out, parts_dir, chunks, manifest, spec, preprocess, settings, dtype)
+        try:
+            _assemble(out, parts_dir, chunks, manifest, spec, preprocess, settings, dtype)
+        except (OSError, RuntimeError) as e:
+            err = as_disk_error(e, out, f"the finished parts in {parts_dir} are kept: free "
+                                f"{human_bytes(_cache_bytes(len(manifest.images), spec.feature_dim, dtype))} "
+                                f"and rerun the same command to join them")
+            if err is None:
+                raise
+            raise err from None
         summary = _summary_from_file(out, up_to_date=False)
         summary.changed, summary.retried = job.get("changed", 0), job.get("retried", 0)
         return summary
@@ -205,6 +253,27 @@ def _prepare_parts_dir(parts_dir: Path, settings: dict, chunk_size: int) -> None
                             f"or with --force to start over")
     parts_dir.mkdir(parents=True, exist_ok=True)
     write_json(meta_path, meta)
+
+
+def _cache_bytes(n: int, d: int, dtype: str) -> int:
+    return n * d * np.dtype(NP_DTYPES[dtype]).itemsize
+
+
+def _check_space(out: Path, n: int, pending_rows: int, d: int, dtype: str) -> None:
+    """Refuse before any work when `out`'s disk cannot hold the cache: N x D x bytes for features.h5,
+    plus the parts still to compute (they stay until features.h5 is joined from them)."""
+    b = np.dtype(NP_DTYPES[dtype]).itemsize
+    need = _cache_bytes(n, d, dtype) + _cache_bytes(pending_rows, d, dtype) + 64 * n  # + valid/errors/ids/paths
+    check_free_space(out.parent, need, f"the cache needs about {n} x {d} x {b} bytes for {out.name} plus "
+                     f"{pending_rows} x {d} x {b} for the parts still to compute",
+                     "free space, or use --out on a larger disk")
+
+
+def _drop_if_empty(parts_dir: Path) -> None:
+    """Remove a parts folder that holds no finished part: a run that failed before computing anything
+    (wrong weights file, bad device) must not leave its settings behind to refuse the corrected rerun."""
+    if parts_dir.is_dir() and not any(parts_dir.glob("part-*.npz")):
+        shutil.rmtree(parts_dir, ignore_errors=True)
 
 
 def _part_path(parts_dir: Path, k: int) -> Path:

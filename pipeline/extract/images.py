@@ -20,6 +20,16 @@ from PIL import Image, ImageOps
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; larger files are refused as "absurdly large"
+# Longest side / shortest side beyond which an image is refused. Resizing the shorter side to `resize`
+# scales the longer one by the same factor: a 1x20000 strip (164 bytes as a PNG) would become
+# 256x5120000 pixels, gigabytes. Real photos, panoramas included, stay far below this.
+MAX_ASPECT_RATIO = 25
+
+
+def check_aspect(w: int, h: int) -> None:
+    """Refuse (ValueError, recorded as a bad image) a w x h image too thin to resize sanely."""
+    if max(w, h) > MAX_ASPECT_RATIO * max(min(w, h), 1):
+        raise ValueError(f"absurd aspect ratio ({w}x{h} pixels, more than {MAX_ASPECT_RATIO}:1)")
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,7 @@ class Preprocess:
             w, h = img.size
             if w * h > self.max_pixels:
                 raise ValueError(f"image too large ({w}x{h} pixels, limit {self.max_pixels})")
+            check_aspect(w, h)
             source = img.size
             if self.draft and img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result still covers `resize`:

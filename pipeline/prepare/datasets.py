@@ -38,6 +38,7 @@ class ReadStats:
     missing_examples: list[str] = field(default_factory=list)  # a few of their names
     unsplit_images: int = 0  # Flickr8k: captioned but in no split list given: left out
     unknown_listed: int = 0  # Flickr8k: in a split list but not in the token file: left out
+    unmatched_captions: int = 0  # COCO: captions whose image_id names no image of their file: left out
 
 
 def read_dataset(dataset: str, annotations: Sequence[PathLike], images: Sequence[PathLike],
@@ -78,6 +79,7 @@ def read_coco(annotation_files: Sequence[PathLike], image_dirs: Sequence[PathLik
         split = _split_from_name(ann)
         data = _read_json(ann)
         _check_coco_shape(ann, data, split)
+        stats.unmatched_captions += _check_coco_values(ann, data)
         coco = COCO()
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
             coco.dataset = data
@@ -121,6 +123,35 @@ def _check_coco_shape(path: Path, data: object, split: str) -> None:
                                 "pass the captions_*.json file instead")
     for i, a in enumerate(anns):  # pycocotools indexes annotations by "id"; caption files have it, be lenient
         a.setdefault("id", i)
+
+
+def _check_coco_values(path: Path, data: dict) -> int:
+    """Refuse ids that are not integers and captions that are not text, naming the entry (pycocotools
+    would crash on the one and store "['a', 'list']" for the other). Returns how many captions name an
+    image_id that no image of the file has: they are left out, and counted in the summary."""
+    ids = set()
+    for n, img in enumerate(data["images"]):
+        img["id"] = _integer(img["id"], f'{path}: images[{n}] ("file_name": {str(img["file_name"])[:80]!r}) has "id"')
+        ids.add(img["id"])
+    unmatched = 0
+    for n, a in enumerate(data["annotations"]):
+        a["image_id"] = _integer(a["image_id"], f'{path}: annotations[{n}] has "image_id"')
+        if not isinstance(a["caption"], str):
+            raise PipelineError(f'{path}: annotations[{n}] (image_id {a["image_id"]}) has a "caption" that is not '
+                                f'text ({type(a["caption"]).__name__} {str(a["caption"])[:60]}): fix that entry '
+                                f'or re-download the file')
+        unmatched += a["image_id"] not in ids
+    return unmatched
+
+
+def _integer(value: object, where: str) -> int:
+    """`value` as an int when it is one (or a string of digits); else PipelineError "`where` VALUE: ..."."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise PipelineError(f"{where} {str(value)[:60]!r}, which is not an integer id: fix that entry or re-download "
+                        f"the file")
 
 
 def _split_from_name(path: Path) -> str:

@@ -31,7 +31,9 @@ from tqdm import tqdm
 from pipeline.core.cache import LABELS_NAME, checksummed
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path
+from pipeline.core.locks import hold
 from pipeline.core.manifest import MANIFEST_NAME, SPLITS
+from pipeline.core.storage import ensure_writable, remove_stale_temps, reporting_disk_errors
 from pipeline.core.vocab import VOCAB_NAME, Vocabulary, tokenize
 from pipeline.prepare.config import PrepareConfig
 from pipeline.prepare.datasets import read_dataset
@@ -56,10 +58,13 @@ class PrepareSummary:
     train_fit_fraction: float = 1.0  # training captions that fit in max_length whole
     train_length_p99: int = 0  # the max_length that keeps 99% of training captions whole
     vocab_source: str = ""  # the --vocab file the vocabulary came from ("": built from the train split)
+    unmatched_captions: int = 0  # COCO: captions whose image_id names no image: left out
 
     def line(self) -> str:
         splits = ", ".join(f"{s} {self.split_images.get(s, 0)}" for s in SPLITS)
         extra = f", {self.unsplit_images} in no split list" if self.unsplit_images else ""
+        if self.unmatched_captions:
+            extra += f", left out {self.unmatched_captions} captions of no listed image"
         return (f"prepared {self.dataset}: {self.images} images ({splits}), {self.captions} captions, "
                 f"vocab {self.vocab_size} ({self._vocab_origin()}); skipped {self.skipped_images} "
                 f"missing images{extra}, dropped {self.dropped_empty} empty captions, cut {self.cut_captions} "
@@ -98,7 +103,21 @@ def prepare(cfg: PrepareConfig, out_dir: str | os.PathLike = "cache") -> Prepare
     with the counts of what was kept, skipped, dropped and cut. Refuses (PipelineError) a bad setting,
     missing or malformed annotation files, a dataset without training captions, and with `cfg.strict`
     any annotated image missing on disk.
+
+    Holds the lock of OUT_DIR while it runs (a second prepare into it is refused at once), refuses an
+    OUT_DIR it cannot write before reading anything, and removes temp files a killed run left there.
     """
+    out = Path(out_dir)
+    with hold(out, "--out-dir"):
+        if out.is_dir():
+            ensure_writable(out, "--out-dir")
+            remove_stale_temps(out, [MANIFEST_NAME, VOCAB_NAME, LABELS_NAME])
+        with reporting_disk_errors(out, "free space, or choose another --out-dir"):
+            return _prepare(cfg, out_dir)
+
+
+def _prepare(cfg: PrepareConfig, out_dir: str | os.PathLike) -> PrepareSummary:
+    """`prepare`, under the lock of `out_dir`."""
     cfg.check()
     dataset, annotations, images = cfg.dataset, cfg.annotations, cfg.images
     vocab_threshold, max_length, strict = cfg.vocab_threshold, cfg.max_length, cfg.strict
@@ -183,4 +202,5 @@ def prepare(cfg: PrepareConfig, out_dir: str | os.PathLike = "cache") -> Prepare
         split_images={s: len(manifest.indices(s)) for s in SPLITS}, captions=n_captions,
         vocab_size=len(vocab), vocab_threshold=vocab_threshold, max_length=max_length,
         skipped_images=stats.missing_images, unsplit_images=stats.unsplit_images, dropped_empty=dropped,
-        cut_captions=cut, train_fit_fraction=fit, train_length_p99=p99, vocab_source=cfg.vocab)
+        cut_captions=cut, train_fit_fraction=fit, train_length_p99=p99, vocab_source=cfg.vocab,
+        unmatched_captions=stats.unmatched_captions)

@@ -48,7 +48,15 @@ from tqdm import tqdm
 from pipeline.core import distributed
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import write_json, write_text
+from pipeline.core.locks import hold_all
 from pipeline.core.runtime import amp_dtype, choose_device
+from pipeline.core.storage import (
+    check_free_space,
+    ensure_writable,
+    human_bytes,
+    remove_stale_temps,
+    reporting_disk_errors,
+)
 from pipeline.decoder.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.decoder.data import CaptionData, length_grouped_batches, load_cache
 from pipeline.decoder.decode import decode
@@ -297,10 +305,23 @@ def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "chec
     exactly where an uninterrupted run would. Refuses (PipelineError) a bad setting, a cache whose
     files do not belong together, a cache without training captions, and a last.pt made with another
     cache or other model settings.
+
+    Before any work, rank 0 takes the locks of OUT and METRICS (a second run into either is refused at
+    once), checks both are writable and have room for the checkpoints, and removes temp files that a
+    killed run left there. A save that fails later ends in one line; the last good checkpoint is kept.
     """
+    with contextlib.ExitStack() as locks:
+        return _train(cache_dir, out, metrics_dir, cfg, resume, progress, log, locks)
+
+
+def _train(cache_dir, out, metrics_dir, cfg: TrainConfig | None, resume: bool, progress: bool, log,
+           locks: contextlib.ExitStack) -> TrainSummary:
+    """`train`, with `locks` holding (on rank 0) the locks of its output folders until it returns."""
     cfg = cfg or TrainConfig()
     cfg.check()
+    distributed.context().decide(lambda: claim_outputs(locks, Path(out), Path(metrics_dir)))
     run = setup(cache_dir, Path(out), Path(metrics_dir), cfg, log)
+    run.dist.decide(lambda: check_room(run))
     state = resume_or_init(run, resume)
     for epoch in range(state.epoch, cfg.epochs):
         train_epoch(run, state, epoch, progress)
@@ -308,7 +329,9 @@ def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "chec
             run.log(f"early stop: no better validation CIDEr for {cfg.patience} epoch(s)")
             break
     if run.dist.is_main:
-        write_logs(run, state, final=True)
+        with reporting_disk_errors(run.metrics_dir, f"the checkpoints in {run.out} are kept: free space and "
+                                   f"rerun with --resume to write the logs"):
+            write_logs(run, state, final=True)
     return state.summary(run.out)
 
 
@@ -417,11 +440,13 @@ def end_of_epoch(run: Run, state: TrainState, epoch: int) -> bool:
                          [f"{k} {row[k]:.4f}" for k in SCORE_KEYS if k in row] +
                          [f"{row['captions_per_second']:.0f} captions/s", "(best)" if improved else ""]))
         stop = bool(cfg.patience) and state.bad_epochs >= cfg.patience
-        if improved:
-            save(run, state, run.out / "best.pt")
-        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stop:
-            save(run, state, run.last)
-            write_logs(run, state)
+        with reporting_disk_errors(run.out, f"the last good checkpoint {run.last} is kept: free space and "
+                                   f"rerun with --resume"):
+            if improved:
+                save(run, state, run.out / "best.pt")
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stop:
+                save(run, state, run.last)
+                write_logs(run, state)
     return run.dist.broadcast(stop)
 
 
@@ -446,6 +471,29 @@ def refuse_non_finite(model: torch.nn.Module, path: Path) -> None:
     if bad:
         raise PipelineError(f"refusing to write {path}: the decoder holds non-finite values ({', '.join(bad[:3])}); "
                             f"training diverged, check the features or lower --lr")
+
+
+CHECKPOINT_NAMES = ("last.pt", "best.pt")
+LOG_NAMES = ("train_steps.csv", "train_epochs.json", "train.json", "train.png")
+
+
+def claim_outputs(locks: contextlib.ExitStack, out: Path, metrics_dir: Path) -> None:
+    """Rank 0, before any work: lock OUT and METRICS, prove both writable, drop temp files a killed run left."""
+    hold_all(locks, [(out, "--out"), (metrics_dir, "--metrics-dir")])
+    ensure_writable(out, "--out")
+    ensure_writable(metrics_dir, "--metrics-dir")
+    remove_stale_temps(out, list(CHECKPOINT_NAMES))
+    remove_stale_temps(metrics_dir, list(LOG_NAMES))
+
+
+def check_room(run: Run) -> None:
+    """Rank 0: refuse a run whose checkpoints cannot fit on OUT's disk. At the worst moment OUT holds
+    best.pt, last.pt and the temp file replacing one of them; each holds the weights and Adam's two moments."""
+    params = sum(t.numel() * t.element_size() for t in run.trainer.model.state_dict().values())
+    size = 3 * params + 65536  # + vocabulary, settings, RNG state
+    have = sum((run.out / n).stat().st_size for n in CHECKPOINT_NAMES if (run.out / n).exists())
+    check_free_space(run.out, 3 * size - have, f"checkpoints need about {human_bytes(size)} each (best.pt, last.pt "
+                     f"and a temp file while one is replaced)", "free space, or pass --out on a larger disk")
 
 
 def rank_seed(seed: int, epoch: int, rank: int) -> int:
