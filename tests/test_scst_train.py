@@ -105,3 +105,18 @@ def test_cli_reads_its_params_section(xe, tmp_path):
     assert r.exit_code == 0, r.output
     assert "scst: 1 epoch(s)" in r.output and "validation CIDEr" in r.output
     assert len((tmp_path / "m" / "scst_steps.csv").read_text().splitlines()) == 1 + 2  # 12 images / 6
+
+
+def test_bench_scst_reports_speeds_and_the_reward_share(xe, tmp_path):
+    cache, _ = xe
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(main, ["bench", "scst", "--cache-dir", str(cache), "--batch-size", "4", "--samples", "2",
+                                  "--max-length", "8", "--train-batch-size", "8", "--train-embed-size", "16",
+                                  "--train-hidden-size", "16", "--steps", "2", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["scst_captions_per_s"] > 0 and res["xe_captions_per_s"] > 0 and 0 < res["reward_share"] < 1
+    assert "reward (CIDEr-D) share of the step" in r.output and "met" in r.output
+    r = CliRunner().invoke(main, ["bench", "scst", "--cache-dir", str(cache), "--batch-size", "4", "--samples", "2",
+                                  "--max-length", "8", "--steps", "1", "--max-reward-share", "0"])
+    assert r.exit_code == 1 and "benchmark target missed: reward share" in r.output

@@ -19,6 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.caption.caption import expand_inputs
@@ -266,3 +267,71 @@ def bench_blind(cache_dir: str = "cache", cfg: TrainConfig | None = None, ecfg: 
     ratio = scores["seeing"]["CIDEr"] / blind_cider if blind_cider > 0 else float("inf")
     log(f"  {split} CIDEr seeing / blind:     {ratio:.2f}x")
     return {"split": split, "seeing": scores["seeing"], "blind": scores["blind"], "cider_ratio": ratio}
+
+
+def bench_scst(cache_dir: str = "cache", cfg=None, tcfg: TrainConfig | None = None, steps: int = 10,
+               log=print) -> dict:
+    """An SCST step (sample K captions per image, CIDEr-D reward, REINFORCE update) against a
+    cross-entropy step of train, on the same cache and decoder, in captions per second; and the share
+    of the SCST step spent computing the reward (target: at most a quarter)."""
+    from pipeline.decoder.data import load_cache
+    from pipeline.scst.cider import CiderD, load_or_build_df
+    from pipeline.scst.config import ScstConfig
+    from pipeline.scst.scst import Run, scst_step
+    from pipeline.train.train import Trainer, epoch_batches, run_epoch
+
+    cfg, tcfg = cfg or ScstConfig(), tcfg or TrainConfig()
+    data = load_cache(cache_dir)
+    dev = choose_device(cfg.device)
+    model_cfg = ModelConfig.of(tcfg, data.encoder.feature_dim, len(data.vocab))
+    torch.manual_seed(0)
+    model = CaptionDecoder(model_cfg).to(dev)
+    model.fit_feature_stats(data.features[data.image_rows("train")])
+    t0 = time.perf_counter()
+    scorer = CiderD.from_data(load_or_build_df(cache_dir, data), data, "train")
+    setup_s = time.perf_counter() - t0
+
+    class Timed:
+        """The scorer, timed: the reward's share of each step."""
+        seconds = 0.0
+
+        def score(self, *args):
+            t = time.perf_counter()
+            try:
+                return scorer.score(*args)
+            finally:
+                Timed.seconds += time.perf_counter() - t
+
+    train_images = torch.from_numpy(np.unique(data.caption_image[data.caption_rows("train")].numpy())).long()
+    run = Run(cfg, data, model, model_cfg, torch.optim.Adam(model.parameters(), lr=cfg.lr), Timed(), dev,
+              distributed.Context(), train_images, train_images[:0], {}, "bench", {}, Path("."), Path("."),
+              lambda m: None)
+    g = torch.Generator().manual_seed(0)
+    order = train_images[torch.randperm(len(train_images), generator=g)]
+    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)][: steps + 1]
+    log(f"bench scst: {len(batches) - 1} steps of {cfg.batch_size} images x {cfg.samples} samples, vocab "
+        f"{len(data.vocab)}, hidden {tcfg.hidden_size}, device {dev}; CIDEr-D tables built in {setup_s:.1f} s")
+    u = lambda b: torch.rand(len(b) * cfg.samples, cfg.max_length, generator=g)  # noqa: E731
+    scst_step(run, batches[0], u(batches[0]))  # warm-up
+    Timed.seconds, n, t0 = 0.0, 0, time.perf_counter()
+    for b in batches[1:]:
+        n += int(scst_step(run, b, u(b))["n"])
+    _sync(dev)
+    scst_s = time.perf_counter() - t0
+    scst_rate, share = n / scst_s, Timed.seconds / scst_s
+
+    trainer = Trainer(CaptionDecoder(model_cfg), tcfg, dev)
+    xe_batches = epoch_batches(data, data.caption_rows("train"), tcfg, 0, distributed.Context())[: steps + 1]
+    run_epoch(trainer, data, xe_batches[:1])  # warm-up
+    t0 = time.perf_counter()
+    run_epoch(trainer, data, xe_batches[1:])
+    _sync(dev)
+    xe_rate = sum(len(b) for b in xe_batches[1:]) / (time.perf_counter() - t0)
+    res = {"device": str(dev), "steps": len(batches) - 1, "images_per_step": cfg.batch_size, "samples": cfg.samples,
+           "scst_captions_per_s": scst_rate, "xe_captions_per_s": xe_rate, "scst_vs_xe": scst_rate / xe_rate,
+           "reward_share": share, "reward_ms_per_step": 1000 * Timed.seconds / max(len(batches) - 1, 1),
+           "cider_setup_s": setup_s}
+    log(f"  SCST step (sample, reward, update): {scst_rate:10.0f} sampled captions/s")
+    log(f"  cross-entropy step of train:        {xe_rate:10.0f} captions/s  (SCST / XE {res['scst_vs_xe']:.2f})")
+    log(f"  reward (CIDEr-D) share of the step: {share:10.3f}  ({res['reward_ms_per_step']:.1f} ms a step)")
+    return res

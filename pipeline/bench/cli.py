@@ -8,6 +8,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.settings import click_options
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
+from pipeline.scst.config import ScstConfig
 from pipeline.train.config import TrainConfig
 
 
@@ -105,6 +106,27 @@ def bench_blind_cmd(cache_dir, target, json_out, **options):
     check_targets([("CIDEr seeing / blind", res["cider_ratio"], target, ">=")])
 
 
+@bench.command("scst")
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(),
+              help="A prepared and extracted cache.")
+@click_options(ScstConfig)
+@click_options(TrainConfig, prefix="train_")
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(1), help="Steps timed of each kind.")
+@click.option("--max-reward-share", default=0.25, show_default=True, type=click.FloatRange(0, 1),
+              help="Most share of an SCST step spent computing the reward.")
+@click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the figures as JSON.")
+def bench_scst_cmd(cache_dir, steps, max_reward_share, json_out, **options):
+    """An SCST step vs a cross-entropy step on the same cache (captions/s), and the reward's share."""
+    from pipeline.bench.bench import bench_scst
+
+    cfg, rest = ScstConfig.pick(options)
+    tcfg, _ = TrainConfig.pick(rest, prefix="train_")
+    res = bench_scst(cache_dir, cfg, tcfg, steps=steps, log=click.echo)
+    _write(json_out, res)
+    check_targets([("reward share of an SCST step", res["reward_share"], max_reward_share, "<=")])
+
+
+bench_scst_cmd.params_sections = {ScstConfig: "", TrainConfig: "train_"}
 bench_extract_cmd.params_sections = {ExtractConfig: ""}
 bench_train_cmd.params_sections = {TrainConfig: ""}
 bench_blind_cmd.params_sections = {TrainConfig: "", EvaluateConfig: "eval_"}

@@ -111,13 +111,11 @@ def resize_crop(image: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
     """uint8 (3, H, W) on any device -> uint8 (3, crop, crop): the shorter side to `resize` (bilinear,
     antialiased), then the center crop, with the same sizes and offsets as Preprocess.to_tensor."""
     h, w = image.shape[-2:]
-    scale = preprocess.resize / min(w, h)
-    nw, nh = max(preprocess.crop, round(w * scale)), max(preprocess.crop, round(h * scale))
+    nw, nh, left, top = preprocess.geometry(w, h)
     x = image
     if (nw, nh) != (w, h):
         x = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
         x = x.round_().clamp_(0, 255).to(torch.uint8)
-    left, top = (nw - preprocess.crop) // 2, (nh - preprocess.crop) // 2
     return x[:, top:top + preprocess.crop, left:left + preprocess.crop]
 
 

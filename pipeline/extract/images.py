@@ -81,18 +81,23 @@ class Preprocess:
                 img.info["source_size"] = (source[1], source[0]) if turned else source
             return img
 
+    def geometry(self, w: int, h: int) -> tuple[int, int, int, int]:
+        """A w x h picture's resized size and crop offset (nw, nh, left, top), as torchvision computes them:
+        the long side floor(resize * long / short), the offsets round((size - crop) / 2). The PIL and the
+        GPU paths both take it from here."""
+        short, long = min(w, h), max(w, h)
+        new_long = int(self.resize * long / short)  # as torchvision computes it (floor)
+        nw, nh = (self.resize, new_long) if w <= h else (new_long, self.resize)
+        return nw, nh, int(round((nw - self.crop) / 2.0)), int(round((nh - self.crop) / 2.0))
+
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
         """RGB PIL image -> uint8 tensor (3, crop, crop), pixel-identical to torchvision's
         Resize(resize, interpolation, antialias=True) + CenterCrop(crop) on the same PIL image: the long
         side is floor(resize * long / short), the crop offset round((size - crop) / 2).
         A drafted image (see `load`) is resized to the size its full-size source would get."""
-        w, h = img.info.get("source_size", img.size)
-        short, long = min(w, h), max(w, h)
-        new_long = int(self.resize * long / short)  # as torchvision computes it (floor)
-        nw, nh = (self.resize, new_long) if w <= h else (new_long, self.resize)
+        nw, nh, left, top = self.geometry(*img.info.get("source_size", img.size))
         if (nw, nh) != img.size:
             img = img.resize((nw, nh), Image.Resampling[self.interpolation.upper()])
-        top, left = int(round((nh - self.crop) / 2.0)), int(round((nw - self.crop) / 2.0))
         img = img.crop((left, top, left + self.crop, top + self.crop))
         arr = np.asarray(img, dtype=np.uint8)  # (crop, crop, 3)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, crop, crop)
