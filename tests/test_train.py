@@ -449,3 +449,22 @@ def test_process_group_timeout_is_explicit_and_at_least_30_minutes(monkeypatch):
     distributed.context(45)
     assert [kw["timeout"] for kw in seen] == [timedelta(minutes=30), timedelta(minutes=90), timedelta(hours=2)]
     assert TrainConfig().dist_timeout == 30 and ExtractConfig().dist_timeout == 30
+
+
+def test_checkpoint_with_an_older_encoder_record_still_evaluates(cache, tmp_path):
+    """Checkpoints written before the encoder record had `draft` and `interpolation` (found by evaluating
+    an older demo checkpoint): the record gets today's defaults, as the cache's own attributes do."""
+    from pipeline.decoder.checkpoint import save_checkpoint
+    from pipeline.evaluate.evaluate import check_compatible
+
+    run(cache, tmp_path, epochs=1)
+    ckpt = load_checkpoint(tmp_path / "ckpt" / "best.pt")
+    for key in ("draft", "interpolation"):
+        ckpt["encoder"].pop(key, None)
+    save_checkpoint(tmp_path / "old.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    old = load_checkpoint(tmp_path / "old.pt")
+    from pipeline.decoder.data import load_cache
+
+    check_compatible(old, load_cache(cache), "old.pt")  # no refusal
+    s = run_evaluate(tmp_path / "old.pt", cache, split="val", out=tmp_path / "e.json", tokenizer="simple")
+    assert s.images == 6

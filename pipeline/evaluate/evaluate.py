@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core.cache import describe_difference
+from pipeline.core.cache import EncoderSpec, describe_difference
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import write_json
 from pipeline.core.manifest import SPLITS
@@ -50,8 +50,7 @@ class EvalSummary:
 
 def check_compatible(ckpt: dict, data: CaptionData, where: str) -> None:
     """Refuse a checkpoint whose encoder or vocabulary is not the cache's."""
-    enc = dict(ckpt["encoder"])
-    enc.pop("weights_path", None)
+    enc = EncoderSpec.from_dict(ckpt["encoder"]).identity()  # an older record gets today's defaults, as the cache's does
     if enc != data.encoder.identity():
         raise PipelineError(f"{where} was trained on features from another encoder "
                             f"({describe_difference(enc, data.encoder.identity())}): evaluate it on the cache it was "
