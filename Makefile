@@ -1,4 +1,5 @@
 # One entry point: every target creates the virtual environment when it is missing.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -26,7 +27,7 @@ demo: venv
 	$(BIN)/pipeline demo-data data/demo
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show
-	$(BIN)/pipeline --params params.yaml caption data/demo/test --checkpoint checkpoints/scst/best.pt \
+	set -o pipefail; $(BIN)/pipeline --params params.yaml caption data/demo/test --checkpoint checkpoints/scst/best.pt \
 		--html results/demo.html --json results/demo_captions.json | head -n 8
 	@echo "captions page: results/demo.html    curves: metrics/train/train.png, metrics/scst/scst.png"
 

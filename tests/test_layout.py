@@ -125,3 +125,13 @@ def test_bad_settings_from_python_are_refused_like_on_the_command_line():
         EvaluateConfig(beam_size="3").check()
     with pytest.raises(PipelineError, match="unknown setting"):
         TrainConfig.from_dict({"learning_rate": 1})
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_takes_the_projects_params_yaml(command):
+    """`pipeline --params params.yaml CMD` reads CMD's sections without refusing any key of them (found:
+    caption refused evaluate's split/tokenizer keys, and make demo lost its page)."""
+    from click.testing import CliRunner
+
+    r = CliRunner().invoke(main, ["--params", str(REPO / "params.yaml"), command, "--help"])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output

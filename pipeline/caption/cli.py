@@ -9,6 +9,7 @@ import click
 
 from pipeline.core.settings import click_options
 from pipeline.decoder.decode import DecodeConfig
+from pipeline.evaluate.config import EvaluateConfig
 
 
 @click.command()
@@ -57,4 +58,4 @@ def print_results(results) -> None:
                 os.close(devnull)
 
 
-caption.params_sections = {DecodeConfig: ""}
+caption.params_sections = {EvaluateConfig: ""}  # its decoding settings; the rest are evaluate's own
