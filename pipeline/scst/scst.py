@@ -353,7 +353,7 @@ def plot_scst(steps: list[dict], epochs: list[dict], out: Path, title: str = "")
     if steps:
         x = [r["step"] for r in steps]
         left.plot(x, [r["reward"] for r in steps], color="tab:green", label="mean reward (CIDEr-D)")
-        left.plot(x, [r["baseline"] for r in steps], color="tab:gray", linestyle="--", label="mean baseline")
+        left.plot(x, [r["baseline"] for r in steps], color="tab:gray", linestyle="--", label="mean baseline (loo: equals the mean reward)")
         length_ax = left.twinx()
         length_ax.plot(x, [r["length"] for r in steps], color="tab:orange", alpha=0.5, label="sampled length")
         length_ax.set_ylabel("tokens per sample")
