@@ -182,3 +182,30 @@ def test_two_process_training_matches_one_process_and_resumes(cache):
     assert (cwd / "res" / "m" / "train_steps.csv").read_text() == (cwd / "two" / "m" / "train_steps.csv").read_text()
     w3 = torch.load(cwd / "res" / "ckpt" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(w2[k], w3[k]) for k in w2)
+
+
+def test_two_process_scst_matches_one_process_and_resumes(cache):
+    """SCST under torchrun: each rank samples its images' captions from the batch's own numbers, so two
+    ranks draw what one process draws; token-weighted gradients summed over ranks give the same steps."""
+    cwd = cache
+    ok(one([*TRAIN, "--cache-dir", ".", "--epochs", "1", "--out", "xe", "--metrics-dir", "xe_m"], cwd))
+    scst = ["scst", "--cache-dir", ".", "--init", "xe/best.pt", "--batch-size", "4", "--samples", "3",
+            "--max-length", "8", "--lr", "0.001", "--device", "cpu", "--quiet"]
+    ok(one([*scst, "--epochs", "2", "--out", "one", "--metrics-dir", "one_m"], cwd))
+    r2 = two([*scst, "--epochs", "2", "--out", "two", "--metrics-dir", "two_m"], cwd)
+    assert ok(r2).count("scst: 2 epoch(s)") == 1 and r2.stderr.count("scst epoch 1:") == 1  # rank 0 alone reports
+    s1 = (cwd / "one_m" / "scst_steps.csv").read_text().splitlines()
+    s2 = (cwd / "two_m" / "scst_steps.csv").read_text().splitlines()
+    assert len(s1) == len(s2) == 1 + 2 * 3  # 12 training images, 4 a step, 2 epochs
+    for a, b in zip(s1[1:], s2[1:]):  # step, epoch, then reward, baseline, length, loss
+        assert a.split(",")[:2] == b.split(",")[:2]
+        assert [float(x) for x in a.split(",")[2:5]] == pytest.approx([float(x) for x in b.split(",")[2:5]], abs=1e-4)
+    w1 = torch.load(cwd / "one" / "last.pt", weights_only=True)["model"]
+    w2 = torch.load(cwd / "two" / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(w1[k].float(), w2[k].float(), atol=1e-4) for k in w1)
+
+    ok(two([*scst, "--epochs", "1", "--out", "res", "--metrics-dir", "res_m"], cwd))
+    resumed = two([*scst, "--epochs", "2", "--resume", "--out", "res", "--metrics-dir", "res_m"], cwd)
+    assert "resuming SCST from" in resumed.stderr and ok(resumed).count("scst: 2 epoch(s)") == 1
+    w3 = torch.load(cwd / "res" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
