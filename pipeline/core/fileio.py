@@ -21,6 +21,15 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_glob(name: str) -> str:
+    """The glob matching the temp files `atomic_path` makes for a target named `name` (`.NAME.<random>.tmp`):
+    what a killed run leaves behind, for its next run to remove."""
+    return f".{name}.*{TEMP_SUFFIX}"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed over `path`.
@@ -29,7 +38,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)  # see temp_glob
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should be readable like any other

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.fileio import temp_glob
 
 # errno -> what it means for the user, in words
 DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
@@ -146,7 +147,7 @@ def remove_stale_temps(folder: str | os.PathLike, names: list[str]) -> list[Path
     if not folder.is_dir():
         return removed
     for name in names:
-        for tmp in folder.glob(f".{name}.*.tmp"):
+        for tmp in folder.glob(temp_glob(name)):
             try:
                 if tmp.is_dir():
                     shutil.rmtree(tmp)
