@@ -11,6 +11,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from pipeline.core.errors import PipelineError
 
@@ -70,6 +71,17 @@ class EncoderSpec:
 def _as_bool(value) -> bool:
     """HDF5 attributes store booleans as numpy bools or strings ("True")."""
     return value if isinstance(value, bool) else str(value).lower() in ("true", "1")
+
+
+def cache_member(path: str | os.PathLike, name: str, what: str) -> Path:
+    """`path` itself when it names a .json file, else the file `name` in the cache folder `path` (even one not
+    made yet, so the hint names it); one line saying to run prepare when it is missing."""
+    path = Path(path)
+    if path.is_dir() or path.suffix != ".json":
+        path = path / name
+    if not path.exists():
+        raise PipelineError(f"no {what} at {path}: run `pipeline prepare --out-dir {path.parent}` first")
+    return path
 
 
 def read_features_attrs(path: str | os.PathLike) -> dict:

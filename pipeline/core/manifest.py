@@ -24,6 +24,7 @@ from collections.abc import Container
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.core.cache import cache_member
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import read_json, sha256_json, write_json
 
@@ -79,11 +80,7 @@ def load_manifest(path: str | os.PathLike, captions: bool | Container[int] = Tru
     `captions`: keep every image's raw captions (True), none (False: their records get empty lists), or
     only those of these image rows. Dropped captions are let go image by image while the file is parsed,
     so a COCO-sized manifest never holds its 600k caption strings at once where they are not used."""
-    path = Path(path)
-    if path.is_dir() or path.suffix != ".json":  # a cache folder, even one not made yet: the hint names it
-        path = path / MANIFEST_NAME
-    if not path.exists():
-        raise PipelineError(f"no manifest at {path}: run `pipeline prepare --out-dir {path.parent}` first")
+    path = cache_member(path, MANIFEST_NAME, "manifest")
     try:
         obj = read_json(path) if captions is True else _read_without_captions(path, captions)
         images = [ImageRecord(**r) for r in obj["images"]]

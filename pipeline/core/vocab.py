@@ -15,10 +15,10 @@ import string
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 from nltk.tokenize import TreebankWordTokenizer
 
+from pipeline.core.cache import cache_member
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import read_json, sha256_json, write_json
 
@@ -125,11 +125,7 @@ class Vocabulary:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocabulary:
         """Load `path` (a vocab.json file or a cache directory holding one)."""
-        path = Path(path)
-        if path.is_dir() or path.suffix != ".json":  # a cache folder, even one not made yet: the hint names it
-            path = path / VOCAB_NAME
-        if not path.exists():
-            raise PipelineError(f"no vocabulary at {path}: run `pipeline prepare --out-dir {path.parent}` first")
+        path = cache_member(path, VOCAB_NAME, "vocabulary")
         try:
             obj = read_json(path)
             if not isinstance(obj, dict) or not isinstance(obj.get("tokens"), list):
