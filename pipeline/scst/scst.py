@@ -32,14 +32,12 @@ so N processes take the 1-process step up to float rounding.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +46,7 @@ from tqdm import tqdm
 
 from pipeline.core import distributed
 from pipeline.core.errors import PipelineError
-from pipeline.core.fileio import write_json, write_text
+from pipeline.core.fileio import write_json
 from pipeline.core.runtime import choose_device
 from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder, save_checkpoint
 from pipeline.decoder.data import CaptionData, load_cache
@@ -57,7 +55,16 @@ from pipeline.decoder.overlap import RECORD_KEY, training_images_record
 from pipeline.scst.cider import CiderD, load_or_build_df
 from pipeline.scst.config import ScstConfig
 from pipeline.scst.sample import greedy_baseline, greedy_captions, leave_one_out_baseline, sample_captions, scst_loss
-from pipeline.train.train import rank_seed, refuse_non_finite, validate
+from pipeline.train.train import (
+    decoder_checkpoint,
+    known_fields,
+    rank_seed,
+    read_steps,
+    refuse_non_finite,
+    same_cache,
+    validate,
+    write_steps,
+)
 
 SCORE_KEYS = ("val_loss", "CIDEr", "BLEU-4")
 STEP_KEYS = ("reward", "baseline", "length", "loss")
@@ -78,8 +85,7 @@ class ScstState:
 
     @classmethod
     def from_dict(cls, d: dict) -> ScstState:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return known_fields(cls, d)
 
 
 @dataclass
@@ -162,8 +168,7 @@ def setup(cache_dir: Path, init: Path, out: Path, metrics_dir: Path, cfg: ScstCo
     device = choose_device(cfg.device, dist.local_rank if dist.enabled else None)
     data = load_cache(cache_dir)
     ckpt = load_checkpoint(init)
-    cache = ckpt.get("cache", {})
-    if cache.get("vocab") != data.fingerprints["vocab"] or cache.get("features") != data.fingerprints["features"]:
+    if not same_cache(ckpt, data):
         raise PipelineError(f"{init} was trained on another cache (vocabulary or features differ): point --init at "
                             f"a checkpoint trained on {cache_dir}, or --cache-dir at the cache it was trained on")
     model, _, _ = restore_decoder(ckpt, device)
@@ -172,11 +177,11 @@ def setup(cache_dir: Path, init: Path, out: Path, metrics_dir: Path, cfg: ScstCo
     if len(with_refs) == 0:
         raise PipelineError(f"{cache_dir} has no training captions with a valid image: check `pipeline prepare`'s summary")
 
-    def build_df() -> None:  # rank 0 builds cider_df.npz once; the others then read it
-        load_or_build_df(cache_dir, data)
+    def build_df():  # rank 0 builds cider_df.npz once; under torchrun the others then read the file
+        df = load_or_build_df(cache_dir, data)
+        return None if dist.enabled else df
 
-    dist.decide(build_df)
-    scorer = CiderD.from_data(load_or_build_df(cache_dir, data), data, "train")
+    scorer = CiderD.from_data(dist.decide(build_df) or load_or_build_df(cache_dir, data), data, "train")
     val_images = data.image_rows("val")
     if cfg.val_images:
         val_images = val_images[: cfg.val_images]
@@ -306,32 +311,15 @@ def end_of_epoch(run: Run, state: ScstState, epoch: int) -> None:
 def save(run: Run, state: ScstState, path: Path) -> None:
     """A checkpoint in train's format (evaluate and caption read it), plus where SCST started."""
     refuse_non_finite(run.model, path)
-    data = run.data
-    save_checkpoint(path, {"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-                           "model_config": run.model_cfg.as_dict(), "scst": {"init": run.init, **asdict(run.cfg)},
-                           "vocab": list(data.vocab.tokens), "encoder": data.encoder.as_dict(),
-                           "cache": {k: v for k, v in data.fingerprints.items() if k != "features_settings"},
-                           RECORD_KEY: run.train_record,  # SCST trains on the same images as cross-entropy did
-                           "epoch": state.epoch, "step": state.step, "train_state": asdict(state),
-                           "rng": {"torch": torch.get_rng_state()}})
-
-
-def read_steps(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [{"step": int(r["step"]), "epoch": int(r["epoch"]), **{k: float(r[k]) for k in STEP_KEYS}}
-                for r in csv.DictReader(f)]
+    # run.train_record: SCST trains on the same images as cross-entropy did
+    save_checkpoint(path, decoder_checkpoint(run.model, run.opt, run.model_cfg, run.data, state,
+                                             {"torch": torch.get_rng_state()}, run.train_record,
+                                             scst={"init": run.init, **asdict(run.cfg)}))
 
 
 def write_logs(run: Run, state: ScstState, final: bool = False) -> None:
     """scst_steps.csv, scst_epochs.json, scst.json (and, once at the end, scst.png)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["step", "epoch", *STEP_KEYS], lineterminator="\n")
-    w.writeheader()
-    for r in run.steps_log:
-        w.writerow({**r, **{k: f"{r[k]:.6f}" for k in STEP_KEYS}})
-    write_text(run.metrics_dir / "scst_steps.csv", buf.getvalue())
+    write_steps(run.metrics_dir / "scst_steps.csv", run.steps_log, dict.fromkeys(STEP_KEYS, ".6f"))
     write_json(run.metrics_dir / "scst_epochs.json", state.history)
     last = state.history[-1] if state.history else {}
     write_json(run.metrics_dir / "scst.json", {"best_epoch": state.best_epoch, **state.best, "epochs": state.epoch,

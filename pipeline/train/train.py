@@ -101,8 +101,7 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainState:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return known_fields(cls, d)
 
     def summary(self, out: Path) -> TrainSummary:
         return TrainSummary(epochs_run=self.epoch, steps=self.step, best_epoch=self.best_epoch, best=dict(self.best),
@@ -456,13 +455,19 @@ def save(run: Run, state: TrainState, path: Path) -> None:
     rng = {"torch": torch.get_rng_state()}
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
-    data = run.data
-    save_checkpoint(path, {"model": run.trainer.model.state_dict(), "optimizer": run.trainer.opt.state_dict(),
-                           "model_config": run.model_cfg.as_dict(), "train_config": asdict(run.cfg),
-                           "vocab": list(data.vocab.tokens), "encoder": data.encoder.as_dict(),
-                           "cache": {k: v for k, v in data.fingerprints.items() if k != "features_settings"},
-                           "epoch": state.epoch, "step": state.step, "train_state": asdict(state), "rng": rng,
-                           RECORD_KEY: training_images_record(data)})
+    save_checkpoint(path, decoder_checkpoint(run.trainer.model, run.trainer.opt, run.model_cfg, run.data, state, rng,
+                                             training_images_record(run.data), train_config=asdict(run.cfg)))
+
+
+def decoder_checkpoint(model: CaptionDecoder, opt: torch.optim.Optimizer, model_cfg: ModelConfig, data: CaptionData,
+                       state, rng: dict, record: dict, **extra) -> dict:
+    """The checkpoint payload train and scst share (evaluate and caption read either): weights, optimizer,
+    settings, vocabulary, encoder record, the cache's fingerprints, the training images, the run's state
+    (a dataclass with epoch and step) and RNG; `extra` names the stage's own settings."""
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "model_config": model_cfg.as_dict(), **extra,
+            "vocab": list(data.vocab.tokens), "encoder": data.encoder.as_dict(),
+            "cache": {k: v for k, v in data.fingerprints.items() if k != "features_settings"},
+            "epoch": state.epoch, "step": state.step, "train_state": asdict(state), "rng": rng, RECORD_KEY: record}
 
 
 def refuse_non_finite(model: torch.nn.Module, path: Path) -> None:
@@ -501,9 +506,20 @@ def rank_seed(seed: int, epoch: int, rank: int) -> int:
     return ((seed * 1_000_003 + epoch) * 10_007 + rank + 1) % (1 << 63)
 
 
-def check_resumable(ckpt: dict, data: CaptionData, model_cfg: ModelConfig, path: Path) -> None:
+def same_cache(ckpt: dict, data: CaptionData) -> bool:
+    """Whether `ckpt` was trained on this cache's vocabulary and features (their fingerprints)."""
     cache = ckpt.get("cache", {})
-    if cache.get("vocab") != data.fingerprints["vocab"] or cache.get("features") != data.fingerprints["features"]:
+    return cache.get("vocab") == data.fingerprints["vocab"] and cache.get("features") == data.fingerprints["features"]
+
+
+def known_fields(cls, d: dict):
+    """A dataclass `cls` from the keys of `d` it knows: a run's state read back from a checkpoint."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_resumable(ckpt: dict, data: CaptionData, model_cfg: ModelConfig, path: Path) -> None:
+    if not same_cache(ckpt, data):
         raise PipelineError(f"{path} was trained on another cache (vocabulary or features differ): "
                             f"train from scratch (drop --resume) or point --cache-dir at the cache it used")
     if ckpt["model_config"] != model_cfg.as_dict():
@@ -511,22 +527,30 @@ def check_resumable(ckpt: dict, data: CaptionData, model_cfg: ModelConfig, path:
                             f"({model_cfg.as_dict()}): resume with the same settings or drop --resume")
 
 
+STEP_FORMATS = {"loss": ".6f", "perplexity": ".4f", "lr": ".3g"}  # train_steps.csv's columns after step, epoch
+
+
 def read_steps(path: Path) -> list[dict]:
+    """A steps CSV (train's or scst's) back as rows: step and epoch ints, every other column a float."""
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{"step": int(r["step"]), "epoch": int(r["epoch"]), "loss": float(r["loss"]),
-                 "perplexity": float(r["perplexity"]), "lr": float(r["lr"])} for r in csv.DictReader(f)]
+        return [{k: int(v) if k in ("step", "epoch") else float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def write_steps(path: Path, rows: list[dict], formats: dict[str, str]) -> None:
+    """One row per optimizer step: step, epoch, then the `formats` columns, each written with its format."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["step", "epoch", *formats], lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({**r, **{k: format(r[k], spec) for k, spec in formats.items()}})
+    write_text(path, buf.getvalue())
 
 
 def write_logs(run: Run, state: TrainState, final: bool = False) -> None:
     """train_steps.csv, train_epochs.json and train.json (and, once at the end, train.png)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["step", "epoch", "loss", "perplexity", "lr"], lineterminator="\n")
-    w.writeheader()
-    for r in run.steps_log:
-        w.writerow({**r, "loss": f"{r['loss']:.6f}", "perplexity": f"{r['perplexity']:.4f}", "lr": f"{r['lr']:.3g}"})
-    write_text(run.metrics_dir / "train_steps.csv", buf.getvalue())
+    write_steps(run.metrics_dir / "train_steps.csv", run.steps_log, STEP_FORMATS)
     write_json(run.metrics_dir / "train_epochs.json", state.history)
     summary = {"best_epoch": state.best_epoch, **state.best, "epochs": state.epoch, "steps": state.step,
                "train_seconds": round(state.seconds, 3),
