@@ -108,3 +108,15 @@ def test_resize_crop_sizes_match_the_pil_path(tmp_path):
         ref = PRE(p)[0]
         assert img.shape == (1, 3, 112, 112)
         assert (img[0].float() - ref.float()).abs().mean() <= 3.0
+
+
+def test_thin_and_oversized_jpegs_take_the_pil_path_and_its_refusal(tmp_path):
+    """The GPU route asks Preprocess.check_size too (found in review: a 1x2000 baseline JPEG went to the
+    GPU decoder unchecked), so a thin or oversized JPEG is a bad image with PIL's reason on both paths."""
+    thin = str(tmp_path / "thin.jpg")
+    Image.new("RGB", (2000, 1), (200, 10, 10)).save(thin, format="JPEG")
+    small = replace(PRE, max_pixels=320 * 240 - 1)
+    big = photo(tmp_path / "big.jpg")
+    for pre, path, reason in ((PRE, thin, "absurd aspect ratio"), (small, big, "image too large")):
+        i, (kind, _), error = JpegFiles([path], pre)[0]
+        assert kind == "image" and reason in error and error == pre(path)[1]

@@ -94,9 +94,10 @@ class JpegFiles(torch.utils.data.Dataset):
             with open(self.paths[i], "rb") as f:
                 data = f.read()
             w, h, _, why = jpeg_info(data)
-            if not why and w * h <= self.preprocess.max_pixels and w > 0 and h > 0:
+            if not why and w > 0 and h > 0:
+                self.preprocess.check_size(w, h)
                 return i, ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)), ""
-        except OSError:
+        except (OSError, ValueError):
             pass  # the CPU path records why
         image, error = self.preprocess(self.paths[i])
         return i, ("image", image), error

@@ -54,6 +54,13 @@ class Preprocess:
                 "std": list(IMAGENET_STD), "interpolation": self.interpolation, "max_pixels": self.max_pixels,
                 "draft": self.draft, "geometry": "torchvision"}
 
+    def check_size(self, w: int, h: int) -> None:
+        """Refuse (ValueError, recorded as a bad image) a w x h picture too large or too thin to resize sanely:
+        every decode path (PIL here, the GPU's in gpu_decode) asks before it decodes."""
+        if w * h > self.max_pixels:
+            raise ValueError(f"image too large ({w}x{h} pixels, limit {self.max_pixels})")
+        check_aspect(w, h)
+
     def load(self, path: str) -> Image.Image:
         """Decode `path` to an RGB PIL image, upright (EXIF), at the smallest size that still covers `resize`."""
         with warnings.catch_warnings():
@@ -64,9 +71,7 @@ class Preprocess:
             except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
                 raise ValueError(f"image too large ({e})") from None
             w, h = img.size
-            if w * h > self.max_pixels:
-                raise ValueError(f"image too large ({w}x{h} pixels, limit {self.max_pixels})")
-            check_aspect(w, h)
+            self.check_size(w, h)
             source = img.size
             if self.draft and img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result still covers `resize`:
