@@ -3,6 +3,8 @@ compactly, raw captions read only where validation needs them. (Peak figures: be
 
 from __future__ import annotations
 
+import resource
+
 import h5py
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from conftest import run_extract as extract
 
 from pipeline.core import distributed
 from pipeline.core.manifest import load_manifest
+from pipeline.core.runtime import heap_allocations, tune
 from pipeline.decoder import shared_features
 from pipeline.decoder.data import load_cache
 from pipeline.decoder.model import teacher_forcing
@@ -73,3 +76,31 @@ def test_raw_captions_only_where_used(cache):
     some = load_manifest(cache, captions={0})
     assert some.images[0].captions == full.manifest.images[0].captions and not some.images[1].captions
     assert some.fingerprint == full.manifest.fingerprint
+
+
+def _faults_of_a_second_block(nbytes: int = 64 << 20) -> int:
+    """Page faults taken by filling a block of `nbytes` just after a block of the same size was freed."""
+    first = torch.ones(nbytes, dtype=torch.uint8)
+    del first
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    second = torch.ones(nbytes, dtype=torch.uint8)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    del second
+    return faults
+
+
+@pytest.mark.skipif(not heap_allocations(True), reason="the C library has no mallopt (not glibc)")
+def test_heap_allocations_reuse_freed_blocks_instead_of_faulting_them_in_again():
+    """What makes CPU extraction and training up to 1.7x faster (runtime.heap_allocations): under glibc's
+    default a freed 64 MB block (above its largest mmap threshold, 32 MB: like a CPU forward's activations)
+    is unmapped and its successor page-faulted in again, page by page; with heap allocations it is reused
+    as it is. `tune` switches it on for the CPU."""
+    try:
+        assert heap_allocations(False)
+        default = _faults_of_a_second_block()
+        tune(torch.device("cpu"))
+        _faults_of_a_second_block()  # the heap grows to hold the block once
+        heap = _faults_of_a_second_block()
+    finally:
+        heap_allocations(True)
+    assert heap <= 16 < default, (heap, default)

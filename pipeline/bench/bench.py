@@ -25,7 +25,7 @@ import torch
 from pipeline.caption.caption import expand_inputs
 from pipeline.core import distributed
 from pipeline.core.manifest import ImageRecord, Manifest
-from pipeline.core.runtime import autocast, choose_device, cpu_count, default_workers
+from pipeline.core.runtime import autocast, choose_device, cpu_count, default_workers, heap_allocations, tune
 from pipeline.decoder.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
@@ -47,19 +47,40 @@ def _peak_rss_mb() -> tuple[float, float]:
     return me, kids
 
 
+ALLOCATORS = {"heap": True, "malloc default": False}  # see runtime.heap_allocations
+
+
+def _cpu_ways(dev: torch.device) -> list[tuple[int, str]]:
+    """(threads, allocator) pairs worth timing: on the CPU 1, the default and all-core thread counts, each with
+    glibc's default allocations and with heap allocations; on CUDA the default threads and the heap."""
+    threads0 = torch.get_num_threads()
+    if dev.type != "cpu":
+        return [(threads0, "heap")]
+    return [(t, a) for t in sorted({1, threads0, cpu_count()}) for a in ALLOCATORS]
+
+
+def _way_name(dev: torch.device, threads: int, allocator: str, layout: str | None = None) -> str:
+    """"channels_last, 2 threads, heap" on the CPU; on CUDA only the layout (threads and allocator do not apply)."""
+    parts = [layout] if layout else []
+    if dev.type == "cpu":
+        parts += [f"{threads} thread{'s' if threads > 1 else ''}", allocator]
+    return ", ".join(parts) or "default"
+
+
 def bare_forward_variants(encoder, decoded: torch.Tensor, batches: list[list[int]], dev: torch.device, amp: str,
-                          trial_batches: int = 4, log=print) -> dict[str, float]:
+                          trial_batches: int = 2, log=print) -> dict[str, float]:
     """Images/s of the bare encoder forward on decoded uint8 images (N, 3, S, S), in every way that could be
     the fastest on this machine: NCHW and channels_last, and on the CPU with 1, the default and all-core
-    thread counts. Every variant is timed on the first `trial_batches` batches (a forward's cost does not
-    depend on the pixels), then the fastest again on all of them: the last entry, named "... (all images)",
-    is the limit. The encoder's layout is left at channels_last and the thread count as found."""
+    thread counts, each with glibc's default allocations and with heap allocations. Every variant is timed on
+    the first `trial_batches` batches after a warm-up batch (a forward's cost does not depend on the pixels),
+    then the fastest again on all of them: the last entry, named "... (all images)", is the limit. The
+    encoder is left in channels_last, the threads and the allocator as `extract` uses them."""
     threads0 = torch.get_num_threads()
-    thread_counts = sorted({1, threads0, cpu_count()}) if dev.type == "cpu" else [threads0]
 
-    def timed(layout: str, threads: int, some: list[list[int]]) -> float:
+    def timed(threads: int, allocator: str, layout: str, some: list[list[int]]) -> float:
         set_layout(encoder, channels_last=layout == "channels_last")
         torch.set_num_threads(threads)
+        heap_allocations(ALLOCATORS[allocator])
         with torch.inference_mode(), autocast(dev, amp):
             encoder(decoded[: len(some[0])].to(dev))  # warm-up (oneDNN/cuDNN pick their kernels)
             _sync(dev)
@@ -69,21 +90,19 @@ def bare_forward_variants(encoder, decoded: torch.Tensor, batches: list[list[int
             _sync(dev)
             return sum(len(b) for b in some) / (time.perf_counter() - t0)
 
-    def name(layout: str, threads: int) -> str:
-        return f"{layout}, {threads} thread{'s' if threads > 1 else ''}" if dev.type == "cpu" else layout
-
-    out, ways = {}, [(layout, t) for layout in ("nchw", "channels_last") for t in thread_counts]
+    out, ways = {}, [(*w, layout) for layout in ("nchw", "channels_last") for w in _cpu_ways(dev)]
     try:
-        for layout, threads in ways:
-            out[name(layout, threads)] = speed = timed(layout, threads, batches[:trial_batches])
-            log(f"  bare forward {name(layout, threads) + ':':<32}{speed:8.1f} images/s  (first {trial_batches} batches)")
-        layout, threads = max(ways, key=lambda w: out[name(*w)])
-        full = f"{name(layout, threads)} (all images)"
-        out[full] = timed(layout, threads, batches)
-        log(f"  bare forward {full + ':':<32}{out[full]:8.1f} images/s")
+        for way in ways:
+            out[_way_name(dev, *way)] = speed = timed(*way, batches[:trial_batches])
+            log(f"  bare forward {_way_name(dev, *way) + ':':<40}{speed:8.1f} images/s  (first {trial_batches} batches)")
+        best = max(ways, key=lambda w: out[_way_name(dev, *w)])
+        full = f"{_way_name(dev, *best)} (all images)"
+        out[full] = timed(*best, batches)
+        log(f"  bare forward {full + ':':<40}{out[full]:8.1f} images/s")
     finally:
         torch.set_num_threads(threads0)
         set_layout(encoder, channels_last=True)
+        tune(dev)
     return out
 
 
@@ -121,13 +140,20 @@ def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, log=
         variants = bare_forward_variants(build_encoder(spec).to(dev), decoded, batches, dev, amp, log=log)
     best = list(variants)[-1]
     bare = variants[best]
+    steady = full.steady_images_per_second
+    if not steady:  # one batch in all: there is no steady state to time
+        log("  (one batch only: the steady state is the whole run; use more images or a smaller --batch-size)")
+        steady = full.images_per_second
     res = {"images": len(paths), "arch": arch, "device": str(dev), "batch_size": batch_size, "workers": workers,
-           "bare_images_per_s": bare, "limit_variant": best, "bare_variants": variants, "extract_images_per_s": full.images_per_second,
-           "ratio": full.images_per_second / bare, "failures": len(full.failures),
+           "bare_images_per_s": bare, "limit_variant": best, "bare_variants": variants,
+           "extract_images_per_s": full.images_per_second, "extract_steady_images_per_s": steady,
+           "ratio": steady / bare, "ratio_whole_run": full.images_per_second / bare, "failures": len(full.failures),
            "peak_rss_main_mb": rss_main, "peak_rss_worker_mb": rss_child, "peak_gpu_mb": gpu_mb}
     log(f"  limit = best bare forward ({best}): {bare:8.1f} images/s")
-    log(f"  full extract (decode..write):     {full.images_per_second:8.1f} images/s  ({full.seconds:.1f} s)")
-    log(f"  ratio extract / bare:             {res['ratio']:8.3f}")
+    log(f"  full extract, steady state:       {steady:8.1f} images/s  (after its first batch)")
+    log(f"  full extract, whole run:          {full.images_per_second:8.1f} images/s  ({full.seconds:.1f} s, "
+        f"start-up included)")
+    log(f"  ratio extract / bare, steady:     {res['ratio']:8.3f}  (whole run: {res['ratio_whole_run']:.3f})")
     log(f"  peak memory: main process {rss_main:.0f} MB, largest worker {rss_child:.0f} MB"
         + (f", GPU {gpu_mb:.0f} MB" if dev.type == "cuda" else ""))
     return res
@@ -144,7 +170,7 @@ def bench_train(cache_dir: str = "cache", cfg: TrainConfig | None = None, notebo
     batch_size, embed_size, hidden_size = cfg.batch_size, cfg.embed_size, cfg.hidden_size
     dev = choose_device(cfg.device)
     model_cfg = ModelConfig.of(cfg, data.encoder.feature_dim, len(data.vocab))
-    rows = data.caption_rows("train")
+    rows = data.training_rows(cache_dir)
     batches = epoch_batches(data, rows, cfg, 0, distributed.Context())
     if max_batches:
         batches = batches[:max_batches]
@@ -177,12 +203,13 @@ def bench_train(cache_dir: str = "cache", cfg: TrainConfig | None = None, notebo
         trainer.scaler.update()
         trainer.opt.zero_grad(set_to_none=True)
 
-    # every CPU thread count that could be the fastest (1, the default, all cores): the best is the limit
+    # every CPU thread count (1, the default, all cores) and allocator that could be the fastest: the best is the limit
     threads0 = torch.get_num_threads()
     bare_variants = {}
     try:
-        for threads in (sorted({1, threads0, cpu_count()}) if dev.type == "cpu" else [threads0]):
+        for threads, allocator in _cpu_ways(dev):
             torch.set_num_threads(threads)
+            heap_allocations(ALLOCATORS[allocator])
             for p in prepared[:3]:
                 bare_step(*p)  # warm-up
             _sync(dev)
@@ -190,10 +217,12 @@ def bench_train(cache_dir: str = "cache", cfg: TrainConfig | None = None, notebo
             for p in prepared:
                 bare_step(*p)
             _sync(dev)
-            bare_variants[f"{threads} thread{'s' if threads > 1 else ''}"] = n_caps / (time.perf_counter() - t0)
-            log(f"  bare decoder step, {threads} thread(s):  {list(bare_variants.values())[-1]:10.0f} captions/s")
+            name = _way_name(dev, threads, allocator)
+            bare_variants[name] = n_caps / (time.perf_counter() - t0)
+            log(f"  bare decoder step, {name + ':':<26}{bare_variants[name]:10.0f} captions/s")
     finally:
         torch.set_num_threads(threads0)
+        tune(dev)  # as `train` runs
     best = max(bare_variants, key=bare_variants.get)
     bare = bare_variants[best]
     del prepared
@@ -283,6 +312,7 @@ def bench_scst(cache_dir: str = "cache", cfg=None, tcfg: TrainConfig | None = No
     cfg, tcfg = cfg or ScstConfig(), tcfg or TrainConfig()
     data = load_cache(cache_dir)
     dev = choose_device(cfg.device)
+    train_images = torch.from_numpy(np.unique(data.caption_image[data.training_rows(cache_dir)].numpy())).long()
     model_cfg = ModelConfig.of(tcfg, data.encoder.feature_dim, len(data.vocab))
     torch.manual_seed(0)
     model = CaptionDecoder(model_cfg).to(dev)
@@ -302,7 +332,6 @@ def bench_scst(cache_dir: str = "cache", cfg=None, tcfg: TrainConfig | None = No
             finally:
                 Timed.seconds += time.perf_counter() - t
 
-    train_images = torch.from_numpy(np.unique(data.caption_image[data.caption_rows("train")].numpy())).long()
     run = Run(cfg, data, model, model_cfg, torch.optim.Adam(model.parameters(), lr=cfg.lr), Timed(), dev,
               distributed.Context(), train_images, train_images[:0], {}, "bench", {}, Path("."), Path("."),
               lambda m: None)

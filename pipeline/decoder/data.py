@@ -50,6 +50,15 @@ class CaptionData:
         img_ok = (self.image_split == SPLITS.index(split)) & self.valid  # (N,)
         return img_ok[self.caption_image].nonzero().squeeze(1)
 
+    def training_rows(self, cache_dir) -> torch.Tensor:
+        """caption_rows("train"), refusing (PipelineError) a cache that has none: train, scst and their
+        benchmarks would otherwise run on nothing."""
+        rows = self.caption_rows("train")
+        if len(rows) == 0:
+            raise PipelineError(f"{cache_dir} has no training captions with a valid image: check "
+                                f"`pipeline prepare`'s summary")
+        return rows
+
     def references(self, rows: torch.Tensor) -> dict[int, list[str]]:
         """Tokenized, space-joined reference captions by row, for scoring (full captions, not cut).
 

@@ -16,7 +16,7 @@ from pipeline.core.cache import EncoderSpec, describe_difference
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import write_json
 from pipeline.core.manifest import SPLITS
-from pipeline.core.runtime import choose_device
+from pipeline.core.runtime import choose_device, tune
 from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
 from pipeline.decoder.data import CaptionData, load_cache
 from pipeline.decoder.decode import decode
@@ -103,6 +103,7 @@ def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = "cach
     data = load_cache(cache_dir)
     check_compatible(ckpt, data, str(checkpoint))
     dev = choose_device(cfg.device)
+    tune(dev)
     model, vocab, _ = restore_decoder(ckpt, dev)
     split_images = len(data.image_rows(split, valid_only=False))
     rows = data.image_rows(split)

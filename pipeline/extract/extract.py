@@ -49,7 +49,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path, sha256_json, write_json
 from pipeline.core.locks import hold
 from pipeline.core.manifest import Manifest, load_manifest
-from pipeline.core.runtime import autocast, choose_device, default_workers
+from pipeline.core.runtime import autocast, choose_device, default_workers, tune
 from pipeline.core.storage import (
     as_disk_error,
     check_free_space,
@@ -77,6 +77,9 @@ class ExtractSummary:
     changed: int = 0  # images whose file changed since extraction, redone now (see changes.py)
     retried: int = 0  # images that had failed, redone now (their file changed, or --retry-failed)
     note: str = ""
+    # images/s once running: from the end of each process's first batch to its last, so without the start-up
+    # (encoder load, decode workers' start, the first batch's kernel selection); summed over ranks
+    steady_images_per_second: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -192,10 +195,10 @@ def _extract(cache_dir, cfg: ExtractConfig | None, out, force: bool, progress: b
     mine = pending[dist.rank::dist.world_size]
 
     started = time.perf_counter()
-    computed = 0
+    computed, steady = 0, 0.0
     if mine:
         try:
-            computed = _compute(manifest, spec, preprocess, mine, parts_dir, dtype, dev, batch_size,
+            computed, steady = _compute(manifest, spec, preprocess, mine, parts_dir, dtype, dev, batch_size,
                                 default_workers(dev) if cfg.workers is None else cfg.workers, cfg.amp,
                                 progress and dist.is_main, cfg.verify, gpu_decode=cfg.gpu_decode)
         except BaseException as e:
@@ -209,7 +212,7 @@ def _extract(cache_dir, cfg: ExtractConfig | None, out, force: bool, progress: b
                                  f"on a larger disk, and rerun") from None
             raise
     seconds = time.perf_counter() - started
-    done = dist.all_gather((computed, seconds))  # also the barrier: every part is written before rank 0 joins them
+    done = dist.all_gather((computed, seconds, steady))  # also the barrier: every part is written before rank 0 joins them
 
     def assemble() -> ExtractSummary:
         chunks = _chunks(len(manifest.images), chunk_size)
@@ -232,7 +235,8 @@ def _extract(cache_dir, cfg: ExtractConfig | None, out, force: bool, progress: b
         return summary
 
     summary = dist.decide(assemble)
-    summary.computed, summary.seconds = sum(c for c, _ in done), max(s for _, s in done)
+    summary.computed, summary.seconds = sum(d[0] for d in done), max(d[1] for d in done)
+    summary.steady_images_per_second = sum(d[2] for d in done)
     return summary
 
 
@@ -381,15 +385,14 @@ def encode_images(encoder: torch.nn.Module, paths: list[str], preprocess: Prepro
 
 
 def load_encoder(spec: EncoderSpec, device: torch.device, weights_file=None) -> torch.nn.Module:
-    encoder = set_layout(build_encoder(spec, weights_file).to(device), channels_last=True)  # why: Encoder's doc
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return encoder
+    tune(device)
+    return set_layout(build_encoder(spec, weights_file).to(device), channels_last=True)  # why: Encoder's doc
 
 
 def _compute(manifest: Manifest, spec: EncoderSpec, preprocess: Preprocess, pending: list, parts_dir: Path,
              dtype: str, dev: torch.device, batch_size: int, workers: int, amp: str, progress: bool,
-             verify: str = "stat", gpu_decode: bool = False) -> int:
+             verify: str = "stat", gpu_decode: bool = False) -> tuple[int, float]:
+    """Compute the `pending` chunks' parts; returns (images computed, steady images/s: see ExtractSummary)."""
     encoder = load_encoder(spec, dev)
     # Batches are cut inside each chunk, so resuming reproduces the uninterrupted run's batches.
     batches = [list(range(b, min(b + batch_size, e))) for _, s, e in pending for b in range(s, e, batch_size)]
@@ -403,12 +406,15 @@ def _compute(manifest: Manifest, spec: EncoderSpec, preprocess: Preprocess, pend
     chunks = iter(pending)
     k, s, e = next(chunks)
     feats, errors = np.zeros((e - s, spec.feature_dim), dtype=np_dtype), [""] * (e - s)
+    first: tuple[float, int] | None = None  # (time, images) at the end of the first batch
     for rows, out, errs in encode_images(encoder, paths, preprocess, batches, dev, workers, amp, gpu_decode):
         check_storable(out, dtype, spec.arch, [paths[r] for r in rows])
         feats[rows - s] = out.astype(np_dtype)
         for j, err in zip(rows - s, errs):
             errors[j] = err
         bar.update(len(rows))
+        if first is None:
+            first = (time.perf_counter(), len(rows))
         if rows[-1] == e - 1:  # chunk finished: make it durable before moving on
             _write_stats(parts_dir, k, stats[k])
             _write_part(parts_dir, k, feats, errors)
@@ -418,7 +424,8 @@ def _compute(manifest: Manifest, spec: EncoderSpec, preprocess: Preprocess, pend
             k, s, e = nxt
             feats, errors = np.zeros((e - s, spec.feature_dim), dtype=np_dtype), [""] * (e - s)
     bar.close()
-    return total
+    steady = (total - first[1]) / (time.perf_counter() - first[0]) if first and total > first[1] else 0.0
+    return total, steady
 
 
 def _write_part(parts_dir: Path, k: int, feats: np.ndarray, errors: list[str]) -> None:

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from pipeline.core import distributed
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import write_json
-from pipeline.core.runtime import choose_device
+from pipeline.core.runtime import choose_device, tune
 from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder, save_checkpoint
 from pipeline.decoder.data import CaptionData, load_cache
 from pipeline.decoder.model import CaptionDecoder, ModelConfig
@@ -166,6 +166,7 @@ def setup(cache_dir: Path, init: Path, out: Path, metrics_dir: Path, cfg: ScstCo
     """Device, cache, the starting decoder and its optimizer, and the CIDEr-D scorer of the train split."""
     dist = distributed.context()
     device = choose_device(cfg.device, dist.local_rank if dist.enabled else None)
+    tune(device)
     data = load_cache(cache_dir)
     ckpt = load_checkpoint(init)
     if not same_cache(ckpt, data):
@@ -173,9 +174,7 @@ def setup(cache_dir: Path, init: Path, out: Path, metrics_dir: Path, cfg: ScstCo
                             f"a checkpoint trained on {cache_dir}, or --cache-dir at the cache it was trained on")
     model, _, _ = restore_decoder(ckpt, device)
     model_cfg = ModelConfig(**ckpt["model_config"])
-    with_refs = np.unique(data.caption_image[data.caption_rows("train")].numpy())  # valid train images with captions
-    if len(with_refs) == 0:
-        raise PipelineError(f"{cache_dir} has no training captions with a valid image: check `pipeline prepare`'s summary")
+    with_refs = np.unique(data.caption_image[data.training_rows(cache_dir)].numpy())  # valid train images with captions
 
     def build_df():  # rank 0 builds cider_df.npz once; under torchrun the others then read the file
         df = load_or_build_df(cache_dir, data)

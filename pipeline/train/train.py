@@ -49,7 +49,7 @@ from pipeline.core import distributed
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import write_json, write_text
 from pipeline.core.locks import hold_all
-from pipeline.core.runtime import amp_dtype, choose_device
+from pipeline.core.runtime import amp_dtype, choose_device, tune
 from pipeline.core.storage import (
     check_free_space,
     ensure_writable,
@@ -338,12 +338,9 @@ def setup(cache_dir: str | os.PathLike, out: Path, metrics_dir: Path, cfg: Train
     """Device, cache, a freshly initialised decoder (seeded) and its optimizer."""
     dist = distributed.context(cfg.dist_timeout)
     device = choose_device(cfg.device, dist.local_rank if dist.enabled else None)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    tune(device)
     data = load_cache(cache_dir, captions=False)  # raw captions: only rank 0's validation references, below
-    train_rows = data.caption_rows("train")
-    if len(train_rows) == 0:
-        raise PipelineError(f"{cache_dir} has no training captions with a valid image: check `pipeline prepare`'s summary")
+    train_rows = data.training_rows(cache_dir)
     val_images = data.image_rows("val")
     if cfg.val_images:
         val_images = val_images[: cfg.val_images]
