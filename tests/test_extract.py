@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from conftest import run_extract as extract
 from PIL import Image
 
+from pipeline.caption.caption import expand_inputs
 from pipeline.cli import main
 from pipeline.core.errors import PipelineError
 from pipeline.core.manifest import ImageRecord, load_manifest
@@ -220,13 +221,15 @@ def test_missing_manifest_is_clear(tmp_path):
 
 def test_bench_extract_prints_figures_and_fails_below_its_targets(coco_dataset, tmp_path):
     args = ["bench", "extract", "--images", coco_dataset["images"][0], "--arch", "resnet18", "--weights", "none",
-            "--resize", "72", "--crop", "64", "--workers", "0", "--device", "cpu", "--batch-size", "2"]
+            "--resize", "72", "--crop", "64", "--workers", "0", "--device", "cpu", "--batch-size", "2",
+            "--repeat", "2"]
     out = tmp_path / "bench.json"
     # the memory target is for a process of its own; pytest's has loaded much more
     r = CliRunner().invoke(main, args + ["--target-ratio", "0", "--max-memory-mb", "1e6", "--json", str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    assert res["images"] > 0 and res["bare_images_per_s"] > 0 and res["extract_images_per_s"] > 0
+    assert res["images"] == 2 * len(expand_inputs([coco_dataset["images"][0]]))  # --repeat 2
+    assert res["bare_images_per_s"] > 0 and res["extract_images_per_s"] > 0
     # the target is on the steady state (after extract's first batch), the whole run is reported beside it
     assert res["extract_steady_images_per_s"] > 0
     assert res["ratio"] == pytest.approx(res["extract_steady_images_per_s"] / res["bare_images_per_s"])

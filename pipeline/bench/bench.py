@@ -106,9 +106,11 @@ def bare_forward_variants(encoder, decoded: torch.Tensor, batches: list[list[int
     return out
 
 
-def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, log=print) -> dict:
-    """Full `extract` vs the bare encoder forward on the same images, decoded in advance."""
+def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, repeat: int = 1, log=print) -> dict:
+    """Full `extract` vs the bare encoder forward on the same images, decoded in advance. `repeat` reads the
+    image list that many times (after `limit`): a small folder still gives a long steady state."""
     paths = expand_inputs(images)[:limit] if limit else expand_inputs(images)
+    paths = paths * repeat
     dev = choose_device(cfg.device)
     workers = default_workers(dev) if cfg.workers is None else cfg.workers
     arch, weights, batch_size, amp = cfg.arch, cfg.weights, cfg.batch_size, cfg.amp
