@@ -94,11 +94,11 @@ def test_heap_allocations_reuse_freed_blocks_instead_of_faulting_them_in_again()
     """What makes CPU extraction and training up to 1.7x faster (runtime.heap_allocations): under glibc's
     default a freed 64 MB block (above its largest mmap threshold, 32 MB: like a CPU forward's activations)
     is unmapped and its successor page-faulted in again, page by page; with heap allocations it is reused
-    as it is. `tune` switches it on for the CPU."""
+    as it is. `tune` switches it on for the encoder on the CPU."""
     try:
         assert heap_allocations(False)
         default = _faults_of_a_second_block()
-        tune(torch.device("cpu"))
+        tune(torch.device("cpu"), fixed_shapes=True)
         _faults_of_a_second_block()  # the heap grows to hold the block once
         heap = _faults_of_a_second_block()
     finally:

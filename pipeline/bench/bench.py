@@ -102,7 +102,7 @@ def bare_forward_variants(encoder, decoded: torch.Tensor, batches: list[list[int
     finally:
         torch.set_num_threads(threads0)
         set_layout(encoder, channels_last=True)
-        tune(dev)
+        tune(dev, fixed_shapes=True)  # as `extract` runs
     return out
 
 
@@ -224,7 +224,7 @@ def bench_train(cache_dir: str = "cache", cfg: TrainConfig | None = None, notebo
             log(f"  bare decoder step, {name + ':':<26}{bare_variants[name]:10.0f} captions/s")
     finally:
         torch.set_num_threads(threads0)
-        tune(dev)  # as `train` runs
+        tune(dev, fixed_shapes=False)  # as `train` runs
     best = max(bare_variants, key=bare_variants.get)
     bare = bare_variants[best]
     del prepared

@@ -43,39 +43,53 @@ def choose_device(device: str | None = "auto", local_rank: int | None = None) ->
     return dev
 
 
-# glibc's mallopt parameters (malloc.h) and their defaults
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_heap = False  # whether heap_allocations(True) is in force in this process
 
 
 def heap_allocations(on: bool = True) -> bool:
-    """Serve large allocations from the heap and keep freed memory for reuse (glibc's mallopt), or with
-    `on=False` go back to glibc's default: every block of 128 KB-32 MB and up is a fresh mapping, returned
-    to the kernel when freed.
+    """Serve large allocations from the heap and keep freed memory for reuse (glibc's mallopt); with
+    `on=False`, undo that (a process that never turned it on is left untouched).
 
-    Why: a forward on the CPU allocates and frees activations of up to hundreds of MB per batch; under
-    the default each one is mapped afresh and page-faulted in again, page by page, at every batch. Measured
-    on this project's 2-core CPU (`pipeline bench extract` / `bench train` time both ways): resnet18, batch
-    64, 36.8 -> 52.8 images/s (system time 7.7 s -> 0.06 s); resnet50 12.6 -> 22.0; a decoder step (hidden
-    512, vocabulary 10k) 224 -> 268 captions/s. The cost: the process keeps its peak memory until it exits.
-    Returns whether the setting took (False where the C library has no mallopt: macOS, musl)."""
+    Why: a forward on the CPU allocates and frees activations of up to hundreds of MB per batch; glibc maps
+    every block above 32 MB afresh and the kernel page-faults it in again, page by page, at every batch.
+    Measured on this project's 2-core CPU (`pipeline bench extract` / `bench train` time both ways):
+    resnet18, batch 64, 36.8 -> 52.8 images/s (system time 7.7 s -> 0.06 s); resnet50 12.6 -> 22.0; a
+    decoder step (hidden 512, vocabulary 10k) 245 -> 275 captions/s. The cost: the process keeps its peak
+    memory until it exits, and where block sizes vary from batch to batch the heap fragments and grows
+    (see `tune`). Undone, glibc is set to where its own adaptive thresholds settle in a long run (blocks
+    from 32 MB up mapped afresh, the heap trimmed above 64 MB free): mallopt cannot restore the adaptive
+    mode itself. Returns whether the setting took (False where the C library has no mallopt: macOS, musl)."""
+    global _heap
     if not sys.platform.startswith("linux"):
         return False
+    if not on and not _heap:
+        return True  # glibc's own default, untouched
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     except (OSError, AttributeError):
         return False
-    mmap_max, trim = (0, 2**31 - 1) if on else (_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD)
-    return bool(mallopt(_M_MMAP_MAX, mmap_max)) and bool(mallopt(_M_TRIM_THRESHOLD, trim))
+    if on:
+        settings = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}
+    else:
+        settings = {_M_MMAP_MAX: 65536, _M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 64 << 20}
+    ok = all([bool(mallopt(key, value)) for key, value in settings.items()])
+    _heap = on and ok
+    return ok
 
 
-def tune(device: torch.device) -> None:
-    """Per-process speed settings for compute on `device`: cuDNN's autotuner on CUDA (fixed shapes), heap
-    allocations on the CPU (see heap_allocations). Every stage that runs a network calls this."""
+def tune(device: torch.device, fixed_shapes: bool) -> None:
+    """Per-process speed settings for compute on `device`: cuDNN's autotuner on CUDA; on the CPU, heap
+    allocations (see heap_allocations) where every batch allocates blocks of the same sizes (`fixed_shapes`:
+    the encoder's fixed crops), so that freed blocks are reused exactly. Not for the decoder, whose batches
+    vary in caption length: there the heap fragments and grows (one rank on a COCO-sized cache, 40 steps:
+    peak 2.9 GB with heap allocations, 1.7 GB without), for 12% more captions/s: there glibc's default is
+    set back, so a process that ran the encoder first trains as `pipeline train` does."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     else:
-        heap_allocations(True)
+        heap_allocations(fixed_shapes)
 
 
 def cpu_count() -> int:

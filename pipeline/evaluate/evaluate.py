@@ -103,7 +103,7 @@ def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = "cach
     data = load_cache(cache_dir)
     check_compatible(ckpt, data, str(checkpoint))
     dev = choose_device(cfg.device)
-    tune(dev)
+    tune(dev, fixed_shapes=False)  # beam search: shapes vary
     model, vocab, _ = restore_decoder(ckpt, dev)
     split_images = len(data.image_rows(split, valid_only=False))
     rows = data.image_rows(split)

@@ -385,7 +385,7 @@ def encode_images(encoder: torch.nn.Module, paths: list[str], preprocess: Prepro
 
 
 def load_encoder(spec: EncoderSpec, device: torch.device, weights_file=None) -> torch.nn.Module:
-    tune(device)
+    tune(device, fixed_shapes=True)  # every batch is (B, 3, crop, crop)
     return set_layout(build_encoder(spec, weights_file).to(device), channels_last=True)  # why: Encoder's doc
 
 

@@ -166,7 +166,7 @@ def setup(cache_dir: Path, init: Path, out: Path, metrics_dir: Path, cfg: ScstCo
     """Device, cache, the starting decoder and its optimizer, and the CIDEr-D scorer of the train split."""
     dist = distributed.context()
     device = choose_device(cfg.device, dist.local_rank if dist.enabled else None)
-    tune(device)
+    tune(device, fixed_shapes=False)  # sampled captions vary in length
     data = load_cache(cache_dir)
     ckpt = load_checkpoint(init)
     if not same_cache(ckpt, data):

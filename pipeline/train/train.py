@@ -338,7 +338,7 @@ def setup(cache_dir: str | os.PathLike, out: Path, metrics_dir: Path, cfg: Train
     """Device, cache, a freshly initialised decoder (seeded) and its optimizer."""
     dist = distributed.context(cfg.dist_timeout)
     device = choose_device(cfg.device, dist.local_rank if dist.enabled else None)
-    tune(device)
+    tune(device, fixed_shapes=False)  # batches vary in caption length
     data = load_cache(cache_dir, captions=False)  # raw captions: only rank 0's validation references, below
     train_rows = data.training_rows(cache_dir)
     val_images = data.image_rows("val")
