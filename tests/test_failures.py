@@ -158,7 +158,7 @@ def test_a_save_that_fails_later_keeps_the_last_good_checkpoint(cache, tmp_path,
         out, metrics = small / "ckpt", tmp_path / "m"
         assert cli("train", "--cache-dir", cache, "--out", out, "--metrics-dir", metrics, *TRAIN).exit_code == 0
         good = (out / "last.pt").read_bytes()
-        monkeypatch.setattr(tr, "check_room", lambda run: None)  # the disk fills up after the checks
+        monkeypatch.setattr(tr, "check_room", lambda model, out: None)  # the disk fills up after the checks
         monkeypatch.setattr(tr, "ensure_writable", lambda folder, what: None)
         fill(small, 4096)
         args = ["--epochs", "2", *TRAIN[2:]]
@@ -206,6 +206,35 @@ def test_a_second_run_is_refused_at_once_and_a_killed_holder_blocks_nothing(cach
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def test_scst_claims_its_outputs_as_train_does(cache, tmp_path):
+    """scst locks OUT and METRICS, checks room for its checkpoints and removes a killed run's temp files
+    before any work, with train's code (it did none of this before)."""
+    assert cli("train", "--cache-dir", cache, "--out", tmp_path / "xe", "--metrics-dir", tmp_path / "mx",
+               *TRAIN).exit_code == 0
+    metrics, out = tmp_path / "ms", tmp_path / "scst"
+    args = ["scst", "--cache-dir", cache, "--init", tmp_path / "xe" / "best.pt", "--metrics-dir", metrics,
+            "--epochs", "1", "--batch-size", "6", "--samples", "2", "--max-length", "8", "--device", "cpu", "--quiet"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        line = one_error_line(cli(*args, "--out", out))
+        assert f"{out} is in use by another run (pid {holder.pid} on host" in line, line
+        assert not (metrics / "scst_steps.csv").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with tmpfs(tmp_path / "full", "1m") as full:
+        fill(full, 16 * 1024)
+        line = one_error_line(cli(*args, "--out", full / "scst"))
+        assert "not enough free space" in line and "checkpoints need about" in line, line
+    stale = [out / ".last.pt.x1y2.tmp", metrics / ".scst_steps.csv.q.tmp"]
+    for p in stale:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a file")
+    assert cli(*args, "--out", out).exit_code == 0
+    assert [p for p in stale if p.exists()] == [] and (out / "best.pt").exists()
 
 
 # ----------------------------------------------------------------------------- 6. read-only and full targets

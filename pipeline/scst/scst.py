@@ -32,6 +32,7 @@ so N processes take the 1-process step up to float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -56,6 +57,8 @@ from pipeline.scst.cider import CiderD, load_or_build_df
 from pipeline.scst.config import ScstConfig
 from pipeline.scst.sample import greedy_baseline, greedy_captions, leave_one_out_baseline, sample_captions, scst_loss
 from pipeline.train.train import (
+    check_room,
+    claim_outputs,
     decoder_checkpoint,
     known_fields,
     rank_seed,
@@ -67,6 +70,7 @@ from pipeline.train.train import (
 )
 
 SCORE_KEYS = ("val_loss", "CIDEr", "BLEU-4")
+LOG_NAMES = ("scst_steps.csv", "scst_epochs.json", "scst.json", "scst.png")
 STEP_KEYS = ("reward", "baseline", "length", "loss")
 
 
@@ -142,13 +146,24 @@ def scst(cache_dir: str | os.PathLike = "cache", init: str | os.PathLike = "chec
     Refuses (PipelineError) a bad setting, a leave-one-out baseline with fewer than 2 samples, a
     missing or foreign `init` checkpoint or one trained on another cache, and a cache without
     training captions.
+
+    Like train: before any work rank 0 locks OUT and METRICS (a second run into either is refused), checks
+    both are writable and have room for the checkpoints, and removes temp files a killed run left there.
     """
     cfg = cfg or ScstConfig()
     cfg.check()
     if cfg.baseline == "loo" and cfg.samples < 2:
         raise PipelineError("scst.baseline loo compares each sample with the image's other samples: set "
                             "scst.samples >= 2, or scst.baseline greedy")
-    run = setup(Path(cache_dir), Path(init), Path(out), Path(metrics_dir), cfg, log)
+    with contextlib.ExitStack() as locks:
+        distributed.context().decide(lambda: claim_outputs(locks, Path(out), Path(metrics_dir), LOG_NAMES))
+        run = setup(Path(cache_dir), Path(init), Path(out), Path(metrics_dir), cfg, log)
+        run.dist.decide(lambda: check_room(run.model, run.out))
+        return _run(run, cfg, resume, progress)
+
+
+def _run(run: Run, cfg: ScstConfig, resume: bool, progress: bool) -> ScstSummary:
+    """`scst` once its outputs are claimed and its run set up."""
     state = resume_or_start(run, resume)
     for epoch in range(state.epoch, cfg.epochs):
         train_epoch(run, state, epoch, progress)
@@ -159,7 +174,7 @@ def scst(cache_dir: str | os.PathLike = "cache", init: str | os.PathLike = "chec
     return ScstSummary(epochs_run=state.epoch, best_epoch=state.best_epoch,
                        start={k: start[k] for k in SCORE_KEYS if k in start}, best=dict(state.best),
                        seconds=state.seconds, samples_per_second=state.samples / state.seconds if state.seconds else 0.0,
-                       out=str(out))
+                       out=str(run.out))
 
 
 def setup(cache_dir: Path, init: Path, out: Path, metrics_dir: Path, cfg: ScstConfig, log) -> Run:

@@ -320,7 +320,7 @@ def _train(cache_dir, out, metrics_dir, cfg: TrainConfig | None, resume: bool, p
     cfg.check()
     distributed.context().decide(lambda: claim_outputs(locks, Path(out), Path(metrics_dir)))
     run = setup(cache_dir, Path(out), Path(metrics_dir), cfg, log)
-    run.dist.decide(lambda: check_room(run))
+    run.dist.decide(lambda: check_room(run.trainer.model, run.out))
     state = resume_or_init(run, resume)
     for epoch in range(state.epoch, cfg.epochs):
         train_epoch(run, state, epoch, progress)
@@ -479,22 +479,24 @@ CHECKPOINT_NAMES = ("last.pt", "best.pt")
 LOG_NAMES = ("train_steps.csv", "train_epochs.json", "train.json", "train.png")
 
 
-def claim_outputs(locks: contextlib.ExitStack, out: Path, metrics_dir: Path) -> None:
-    """Rank 0, before any work: lock OUT and METRICS, prove both writable, drop temp files a killed run left."""
+def claim_outputs(locks: contextlib.ExitStack, out: Path, metrics_dir: Path, log_names=LOG_NAMES) -> None:
+    """Rank 0, before any work: lock OUT and METRICS, prove both writable, drop temp files a killed run left
+    (of the checkpoints and of `log_names`, the stage's METRICS files). Shared by train and scst."""
     hold_all(locks, [(out, "--out"), (metrics_dir, "--metrics-dir")])
     ensure_writable(out, "--out")
     ensure_writable(metrics_dir, "--metrics-dir")
     remove_stale_temps(out, list(CHECKPOINT_NAMES))
-    remove_stale_temps(metrics_dir, list(LOG_NAMES))
+    remove_stale_temps(metrics_dir, list(log_names))
 
 
-def check_room(run: Run) -> None:
+def check_room(model: torch.nn.Module, out: Path) -> None:
     """Rank 0: refuse a run whose checkpoints cannot fit on OUT's disk. At the worst moment OUT holds
-    best.pt, last.pt and the temp file replacing one of them; each holds the weights and Adam's two moments."""
-    params = sum(t.numel() * t.element_size() for t in run.trainer.model.state_dict().values())
+    best.pt, last.pt and the temp file replacing one of them; each holds the weights and Adam's two moments.
+    Shared by train and scst."""
+    params = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     size = 3 * params + 65536  # + vocabulary, settings, RNG state
-    have = sum((run.out / n).stat().st_size for n in CHECKPOINT_NAMES if (run.out / n).exists())
-    check_free_space(run.out, 3 * size - have, f"checkpoints need about {human_bytes(size)} each (best.pt, last.pt "
+    have = sum((out / n).stat().st_size for n in CHECKPOINT_NAMES if (out / n).exists())
+    check_free_space(out, 3 * size - have, f"checkpoints need about {human_bytes(size)} each (best.pt, last.pt "
                      f"and a temp file while one is replaced)", "free space, or pass --out on a larger disk")
 
 
