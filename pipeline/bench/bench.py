@@ -30,7 +30,7 @@ from pipeline.decoder.model import CaptionDecoder, ModelConfig, packed_targets, 
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.encoder import build_encoder, make_spec, set_layout
-from pipeline.extract.extract import encode_images, extract, load_encoder
+from pipeline.extract.extract import encode_images, extract, image_batches, load_encoder
 from pipeline.extract.images import ImageFiles, Preprocess, collate
 from pipeline.train.config import TrainConfig
 
@@ -248,8 +248,8 @@ def bench_train(cache_dir: str = "cache", cfg: TrainConfig | None = None, notebo
     t0 = time.perf_counter()
     for b in nb:
         img_rows = data.caption_image[b].tolist()
-        feats = torch.cat([torch.from_numpy(f) for _, f, _ in
-                           encode_images(encoder, paths, Preprocess.of(data.encoder), [img_rows], dev, workers)])
+        images = image_batches(paths, Preprocess.of(data.encoder), [img_rows], dev, workers)
+        feats = torch.cat([torch.from_numpy(f) for _, f, _ in encode_images(encoder, images, dev)])
         trainer.step(feats, data.labels[b], data.lengths[b], v.start_id, v.end_id)
     _sync(dev)
     nb_caps = sum(len(b) for b in nb)

@@ -23,7 +23,7 @@ from pipeline.core.fileio import write_json, write_text
 from pipeline.core.runtime import choose_device, default_workers
 from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
 from pipeline.decoder.decode import DecodeConfig, decode
-from pipeline.extract.extract import encode_images, load_encoder
+from pipeline.extract.extract import encode_images, image_batches, load_encoder
 from pipeline.extract.images import Preprocess
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -74,12 +74,13 @@ def caption_images(checkpoint: str | os.PathLike, inputs: list[str], cfg: Decode
     dev = choose_device(cfg.device)
     model, vocab, spec = restore_decoder(ckpt, dev)
     paths = expand_inputs(inputs)
-    encoder = load_encoder(spec, dev, encoder_weights)
     batches = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
+    images = image_batches(paths, Preprocess.of(spec), batches, dev, default_workers(dev) if workers is None
+                           else workers)  # decoding starts while the encoder is built
+    encoder = load_encoder(spec, dev, encoder_weights)
     out = [Captioned(p) for p in paths]
     banned = (vocab.pad_id, vocab.start_id, vocab.unk_id)
-    for rows, feats, errs in encode_images(encoder, paths, Preprocess.of(spec), batches, dev,
-                                           default_workers(dev) if workers is None else workers):
+    for rows, feats, errs in encode_images(encoder, images, dev):
         ok = [j for j, e in enumerate(errs) if not e]
         for j, e in enumerate(errs):
             out[rows[j]].error = e

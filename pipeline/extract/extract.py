@@ -356,28 +356,32 @@ def _seed_parts(out: Path, parts_dir: Path, chunks: list, redo: np.ndarray, now:
     return pending
 
 
-def encode_images(encoder: torch.nn.Module, paths: list[str], preprocess: Preprocess, batches: list[list[int]],
-                  device: torch.device, workers: int, amp: str = "auto", gpu_decode: bool = False):
-    """Decode `paths` in DataLoader workers and run `encoder` over them, batch by batch.
-
-    Yields (rows (B,) int64 numpy, features (B, D) float32 numpy, errors [str]); rows that failed to
-    decode carry zeros and their reason. Shared by `extract` and `caption`. With `gpu_decode` on CUDA,
-    the workers only read JPEG bytes and the GPU decodes them (see gpu_decode).
-    """
+def image_batches(paths: list[str], preprocess: Preprocess, batches: list[list[int]], device: torch.device,
+                  workers: int, gpu_decode: bool = False):
+    """An iterator of (rows (B,) int64, uint8 images (B, 3, S, S), errors [str]), decoded batch by batch in
+    `workers` DataLoader processes; with `gpu_decode` on CUDA the workers only read JPEG bytes and the GPU
+    decodes them (see gpu_decode). The workers start at once: made before the encoder is built, they decode
+    the first batches while the main process imports torchvision and builds the network (~1.5 s)."""
     if gpu_decode and device.type == "cuda":
         from pipeline.extract.gpu_decode import gpu_batches
 
-        loader = gpu_batches(paths, preprocess, batches, device, workers)
-    else:
-        loader = torch.utils.data.DataLoader(
-            ImageFiles(paths, preprocess), batch_sampler=batches, num_workers=workers, collate_fn=collate,
-            pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None)
+        return gpu_batches(paths, preprocess, batches, device, workers)
+    return iter(torch.utils.data.DataLoader(
+        ImageFiles(paths, preprocess), batch_sampler=batches, num_workers=workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None))
+
+
+def encode_images(encoder: torch.nn.Module, images, device: torch.device, amp: str = "auto"):
+    """Run `encoder` over `images` (from image_batches), batch by batch. Shared by `extract` and `caption`.
+
+    Yields (rows (B,) int64 numpy, features (B, D) float32 numpy, errors [str]); rows that failed to
+    decode carry zeros and their reason."""
     with torch.inference_mode(), autocast(device, amp):
-        for rows, images, errs in loader:
-            images = images.to(device, non_blocking=True)  # (B, 3, S, S) uint8
+        for rows, batch, errs in images:
+            batch = batch.to(device, non_blocking=True)  # (B, 3, S, S) uint8
             if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            feats = encoder(images).cpu().numpy()  # (B, D) float32
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            feats = encoder(batch).cpu().numpy()  # (B, D) float32
             for j, err in enumerate(errs):
                 if err:
                     feats[j] = 0
@@ -393,12 +397,13 @@ def _compute(manifest: Manifest, spec: EncoderSpec, preprocess: Preprocess, pend
              dtype: str, dev: torch.device, batch_size: int, workers: int, amp: str, progress: bool,
              verify: str = "stat", gpu_decode: bool = False) -> tuple[int, float]:
     """Compute the `pending` chunks' parts; returns (images computed, steady images/s: see ExtractSummary)."""
-    encoder = load_encoder(spec, dev)
     # Batches are cut inside each chunk, so resuming reproduces the uninterrupted run's batches.
     batches = [list(range(b, min(b + batch_size, e))) for _, s, e in pending for b in range(s, e, batch_size)]
     paths = [manifest.path_of(i) for i in range(len(manifest.images))]
     # What each image file is before the loader reads it: a file changed after this is caught next run.
     stats = {k: image_stats(paths[s:e], verify == "hash") for k, s, e in pending}
+    images = image_batches(paths, preprocess, batches, dev, workers, gpu_decode)  # decoding starts now
+    encoder = load_encoder(spec, dev)
     total = sum(e - s for _, s, e in pending)
     bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, dynamic_ncols=True,
                file=sys.stderr, smoothing=0.1)
@@ -407,7 +412,7 @@ def _compute(manifest: Manifest, spec: EncoderSpec, preprocess: Preprocess, pend
     k, s, e = next(chunks)
     feats, errors = np.zeros((e - s, spec.feature_dim), dtype=np_dtype), [""] * (e - s)
     first: tuple[float, int] | None = None  # (time, images) at the end of the first batch
-    for rows, out, errs in encode_images(encoder, paths, preprocess, batches, dev, workers, amp, gpu_decode):
+    for rows, out, errs in encode_images(encoder, images, dev, amp):
         check_storable(out, dtype, spec.arch, [paths[r] for r in rows])
         feats[rows - s] = out.astype(np_dtype)
         for j, err in zip(rows - s, errs):

@@ -155,8 +155,14 @@ def decode_batch(items: list, paths: list[str], rows: torch.Tensor, errors: list
 
 def gpu_batches(paths: list[str], preprocess: Preprocess, batches: list[list[int]], device: torch.device,
                 workers: int):
-    """Yields (rows (B,) int64, uint8 (B, 3, crop, crop) on `device`, errors) like ImageFiles' loader does."""
-    loader = torch.utils.data.DataLoader(JpegFiles(paths, preprocess), batch_sampler=batches, num_workers=workers,
-                                         collate_fn=collate_jpeg, prefetch_factor=4 if workers > 0 else None)
-    for rows, items, errors in loader:
-        yield rows, decode_batch(items, paths, rows, errors, preprocess, device), errors
+    """An iterator of (rows (B,) int64, uint8 (B, 3, crop, crop) on `device`, errors) like ImageFiles' loader;
+    its workers start reading at once (see extract.image_batches)."""
+    loader = iter(torch.utils.data.DataLoader(JpegFiles(paths, preprocess), batch_sampler=batches,
+                                              num_workers=workers, collate_fn=collate_jpeg,
+                                              prefetch_factor=4 if workers > 0 else None))
+
+    def decoded():
+        for rows, items, errors in loader:
+            yield rows, decode_batch(items, paths, rows, errors, preprocess, device), errors
+
+    return decoded()
