@@ -11,13 +11,7 @@ from pipeline.decoder.decode import Hypothesis, beam_search, decode, greedy_deco
 PAD, START, END = 0, 1, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops run ~25x faster on one thread than with two threads on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyLSTM(nn.Module):

@@ -33,6 +33,8 @@ from pipeline.scst.sample import (
     sequence_logprobs,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PAD, START, END, UNK = 0, 1, 2, 3
 V = 20  # few words, so captions repeat words and n-grams (clipping and df > 1 get exercised)
 
@@ -202,14 +204,6 @@ def _pycoco_df(texts: dict) -> tuple[dict, float]:
     return dict(full.document_frequency), float(np.log(float(len(texts))))
 
 # ---- sampling, baselines, loss ----
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops run much faster on one thread than with two threads on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_decoder(seed: int = 0, banned_bias: float = 0.0, end_bias: float = 0.0) -> CaptionDecoder:
