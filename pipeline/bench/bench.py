@@ -31,7 +31,7 @@ from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.encoder import build_encoder, make_spec, set_layout
 from pipeline.extract.extract import encode_images, extract, image_batches, load_encoder
-from pipeline.extract.images import ImageFiles, Preprocess, collate
+from pipeline.extract.images import Preprocess
 from pipeline.train.config import TrainConfig
 
 
@@ -52,10 +52,11 @@ ALLOCATORS = {"heap": True, "malloc default": False}  # see runtime.heap_allocat
 
 def _cpu_ways(dev: torch.device) -> list[tuple[int, str]]:
     """(threads, allocator) pairs worth timing: on the CPU 1, the default and all-core thread counts, each with
-    glibc's default allocations and with heap allocations; on CUDA the default threads and the heap."""
+    glibc's default allocations and with heap allocations; on CUDA the default threads and glibc's default
+    (runtime.tune changes the allocator on the CPU only)."""
     threads0 = torch.get_num_threads()
     if dev.type != "cpu":
-        return [(threads0, "heap")]
+        return [(threads0, "malloc default")]
     return [(t, a) for t in sorted({1, threads0, cpu_count()}) for a in ALLOCATORS]
 
 
@@ -93,8 +94,9 @@ def bare_forward_variants(encoder, decoded: torch.Tensor, batches: list[list[int
     out, ways = {}, [(*w, layout) for layout in ("nchw", "channels_last") for w in _cpu_ways(dev)]
     try:
         for way in ways:
-            out[_way_name(dev, *way)] = speed = timed(*way, batches[:trial_batches])
-            log(f"  bare forward {_way_name(dev, *way) + ':':<40}{speed:8.1f} images/s  (first {trial_batches} batches)")
+            name = _way_name(dev, *way)
+            out[name] = speed = timed(*way, batches[:trial_batches])
+            log(f"  bare forward {name + ':':<40}{speed:8.1f} images/s  (first {trial_batches} batches)")
         best = max(ways, key=lambda w: out[_way_name(dev, *w)])
         full = f"{_way_name(dev, *best)} (all images)"
         out[full] = timed(*best, batches)
@@ -133,9 +135,7 @@ def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, repe
         # every layout and thread count that could be faster; the fastest is the limit
         batches = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
         decoded = torch.empty(len(paths), 3, crop, crop, dtype=torch.uint8)
-        loader = torch.utils.data.DataLoader(ImageFiles(paths, Preprocess.of(spec)), batch_sampler=batches,
-                                             num_workers=workers, collate_fn=collate)
-        for rows, imgs, _ in loader:
+        for rows, imgs, _ in image_batches(paths, Preprocess.of(spec), batches, torch.device("cpu"), workers):
             decoded[rows] = imgs
         if dev.type == "cuda":
             decoded = decoded.pin_memory()

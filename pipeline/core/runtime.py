@@ -56,9 +56,9 @@ def heap_allocations(on: bool = True) -> bool:
     every block above 32 MB afresh and the kernel page-faults it in again, page by page, at every batch.
     Measured on this project's 2-core CPU (`pipeline bench extract` / `bench train` time both ways):
     resnet18, batch 64, 36.8 -> 52.8 images/s (system time 7.7 s -> 0.06 s); resnet50 12.6 -> 22.0; a
-    decoder step (hidden 512, vocabulary 10k) 245 -> 275 captions/s. The cost: the process keeps its peak
-    memory until it exits, and where block sizes vary from batch to batch the heap fragments and grows
-    (see `tune`). Undone, glibc is set to where its own adaptive thresholds settle in a long run (blocks
+    decoder step (hidden 512, vocabulary 10k) 245 -> 275 captions/s in one run, 284 -> 269 in another.
+    The cost: the process keeps its peak memory until it exits, and where block sizes vary from batch to
+    batch the heap fragments and grows (see `tune`). Undone, glibc is set to where its own adaptive thresholds settle in a long run (blocks
     from 32 MB up mapped afresh, the heap trimmed above 64 MB free): mallopt cannot restore the adaptive
     mode itself. Returns whether the setting took (False where the C library has no mallopt: macOS, musl)."""
     global _heap
@@ -84,8 +84,9 @@ def tune(device: torch.device, fixed_shapes: bool) -> None:
     allocations (see heap_allocations) where every batch allocates blocks of the same sizes (`fixed_shapes`:
     the encoder's fixed crops), so that freed blocks are reused exactly. Not for the decoder, whose batches
     vary in caption length: there the heap fragments and grows (one rank on a COCO-sized cache, 40 steps:
-    peak 2.9 GB with heap allocations, 1.7 GB without), for 12% more captions/s: there glibc's default is
-    set back, so a process that ran the encoder first trains as `pipeline train` does."""
+    peak 2.9 GB with heap allocations, 1.7 GB without), for no steady gain in captions/s (+12% in one
+    run, -5% in another): there glibc's default is set back, so a process that ran the encoder first
+    trains as `pipeline train` does."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     else:

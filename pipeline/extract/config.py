@@ -39,7 +39,8 @@ class ExtractConfig(Settings):
     batch_size: int = setting(64, "Images per forward pass.", min=1)
     chunk_size: int = setting(1024, "Rows per durable chunk: an interrupted run loses at most one chunk of work.",
                               min=1)
-    workers: int | None = setting(None, "DataLoader decode workers [default: 2 on CPU (measured fastest, see runtime.py), cores-1 on CUDA].", min=0)
+    workers: int | None = setting(None, "DataLoader decode workers [default: 2 on CPU (measured fastest, see "
+                                  "runtime.py), cores-1 on CUDA].", min=0)
     device: str = setting("auto", DEVICE_HELP)
     amp: str = setting("auto", "Autocast precision on CUDA (auto: bf16 where supported). Ignored on CPU.",
                        choices=AMP_CHOICES)

@@ -61,7 +61,7 @@ from pipeline.core.storage import (
 from pipeline.extract.changes import STAT_KEYS, changed_rows, image_stats, read_stats
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.encoder import build_encoder, make_spec, set_layout
-from pipeline.extract.images import ImageFiles, Preprocess, collate
+from pipeline.extract.images import ImageFiles, Preprocess, collate, start_loader
 
 NP_DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -199,8 +199,8 @@ def _extract(cache_dir, cfg: ExtractConfig | None, out, force: bool, progress: b
     if mine:
         try:
             computed, steady = _compute(manifest, spec, preprocess, mine, parts_dir, dtype, dev, batch_size,
-                                default_workers(dev) if cfg.workers is None else cfg.workers, cfg.amp,
-                                progress and dist.is_main, cfg.verify, gpu_decode=cfg.gpu_decode)
+                                        default_workers(dev) if cfg.workers is None else cfg.workers, cfg.amp,
+                                        progress and dist.is_main, cfg.verify, gpu_decode=cfg.gpu_decode)
         except BaseException as e:
             if dist.is_main:
                 _drop_if_empty(parts_dir)
@@ -212,7 +212,8 @@ def _extract(cache_dir, cfg: ExtractConfig | None, out, force: bool, progress: b
                                  f"on a larger disk, and rerun") from None
             raise
     seconds = time.perf_counter() - started
-    done = dist.all_gather((computed, seconds, steady))  # also the barrier: every part is written before rank 0 joins them
+    # also the barrier: every part is written before rank 0 joins them
+    done = dist.all_gather((computed, seconds, steady))
 
     def assemble() -> ExtractSummary:
         chunks = _chunks(len(manifest.images), chunk_size)
@@ -366,9 +367,7 @@ def image_batches(paths: list[str], preprocess: Preprocess, batches: list[list[i
         from pipeline.extract.gpu_decode import gpu_batches
 
         return gpu_batches(paths, preprocess, batches, device, workers)
-    return iter(torch.utils.data.DataLoader(
-        ImageFiles(paths, preprocess), batch_sampler=batches, num_workers=workers, collate_fn=collate,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None))
+    return start_loader(ImageFiles(paths, preprocess), batches, workers, collate, pin_memory=device.type == "cuda")
 
 
 def encode_images(encoder: torch.nn.Module, images, device: torch.device, amp: str = "auto"):

@@ -23,7 +23,7 @@ import struct
 import torch
 import torch.nn.functional as F
 
-from pipeline.extract.images import Preprocess
+from pipeline.extract.images import Preprocess, start_loader
 
 _SOF_BASELINE = (0xC0, 0xC1)  # baseline, extended sequential Huffman: what nvJPEG decodes
 _SOF_OTHER = (0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)  # progressive, lossless, arithmetic
@@ -157,9 +157,7 @@ def gpu_batches(paths: list[str], preprocess: Preprocess, batches: list[list[int
                 workers: int):
     """An iterator of (rows (B,) int64, uint8 (B, 3, crop, crop) on `device`, errors) like ImageFiles' loader;
     its workers start reading at once (see extract.image_batches)."""
-    loader = iter(torch.utils.data.DataLoader(JpegFiles(paths, preprocess), batch_sampler=batches,
-                                              num_workers=workers, collate_fn=collate_jpeg,
-                                              prefetch_factor=4 if workers > 0 else None))
+    loader = start_loader(JpegFiles(paths, preprocess), batches, workers, collate_jpeg)
 
     def decoded():
         for rows, items, errors in loader:

@@ -149,6 +149,14 @@ class ImageFiles(torch.utils.data.Dataset):
         return i, image, error
 
 
+def start_loader(dataset: torch.utils.data.Dataset, batches: list[list[int]], workers: int, collate_fn,
+                 pin_memory: bool = False):
+    """An iterator over `dataset` in `batches`, decoded by `workers` DataLoader processes that start at once
+    and keep 4 batches each in flight. Shared by the PIL and the GPU decode paths."""
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
+                                            pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None))
+
+
 def collate(batch: list[tuple[int, torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     rows = torch.tensor([b[0] for b in batch], dtype=torch.long)  # (B,)
     images = torch.stack([b[1] for b in batch])  # (B, 3, S, S) uint8
