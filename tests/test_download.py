@@ -1,4 +1,5 @@
-"""`download_coco2014` against a local HTTP server serving tiny archives with the real layout.
+"""`download_coco2014` and `download_flickr8k` against a local HTTP server serving tiny archives
+with the real layout.
 
 The server (127.0.0.1, port 0, daemon thread, stopped by the fixture) implements `Range: bytes=N-`
 itself, and can cut a response halfway or ignore Range, which is how real servers misbehave.
@@ -12,16 +13,21 @@ import io
 import json
 import random
 import re
+import shlex
 import socket
 import threading
 import zipfile
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+from conftest import make_jpeg
 
 from pipeline.acquire import download
-from pipeline.acquire.download import COCO2014_FILES, download_coco2014
+from pipeline.acquire.download import COCO2014_FILES, FLICKR8K_FILES, download_coco2014, download_flickr8k
+from pipeline.cli import main
 from pipeline.core.errors import PipelineError
 
 _rng = random.Random(0)
@@ -321,3 +327,201 @@ def test_unreachable_server_gives_up_after_retries(tmp_path, server):
     with pytest.raises(PipelineError, match="after 3 failed attempts"):
         download_coco2014(tmp_path, f"http://127.0.0.1:{port}/", progress=False, retries=2, timeout=2,
                           files=table(server.archives), log=lambda m: None)
+
+
+# ------------------------------------------------------------------------------------------ Flickr8k
+
+FLICKR_PATHS = {"Flickr8k_text.zip": "/flickr8k/Flickr8k_text.zip",
+                "Flickr8k_Dataset.zip": "/flickr8k/Flickr8k_Dataset.zip"}
+FLICKR_SPLITS = {"train": ["101_aaa.jpg", "102_bbb.jpg", "103_ccc.jpg"], "dev": ["201_ddd.jpg", "202_eee.jpg"],
+                 "test": ["301_fff.jpg"]}
+FLICKR_COLOURS = ("red", "green", "blue", "white", "black", "yellow")
+
+
+def flickr_photos(tmp: Path) -> dict[str, bytes]:
+    """Small real JPEGs with noise appended (decoders stop at EOI), so the archive is not tiny."""
+    photos = {}
+    for i, name in enumerate(n for names in FLICKR_SPLITS.values() for n in names):
+        path = make_jpeg(tmp / name, color=(40 * i, 200 - 30 * i, 90))
+        photos[name] = path.read_bytes() + _rng.randbytes(10_000)
+    return photos
+
+
+def make_flickr_archives(photos: dict[str, bytes], text: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """Both archives as the mirror has them: text files at the top, photos under the misspelt
+    Flicker8k_Dataset/, plus macOS resource forks under __MACOSX/ and the extra text files."""
+    tokens = "".join(f"{name}#{j}\tA {colour} thing number {j} .\n"
+                     for name, colour in zip(photos, FLICKR_COLOURS) for j in range(5))
+    if text is None:
+        text = {
+            "Flickr8k.token.txt": tokens.encode(),
+            "Flickr8k.lemma.token.txt": tokens.encode(),
+            **{f"Flickr_8k.{split}Images.txt": ("\n".join(names) + "\n").encode()
+               for split, names in FLICKR_SPLITS.items()},
+            "ExpertAnnotations.txt": b"",
+            "readme.txt": b"Flickr8k\n",
+            "__MACOSX/._Flickr8k.token.txt": b"\0\5\26\7",
+        }
+    images = {"Flicker8k_Dataset/": b""}
+    for name, data in photos.items():
+        images[f"Flicker8k_Dataset/{name}"] = data
+        images[f"__MACOSX/Flicker8k_Dataset/._{name}"] = b"\0\5\26\7"
+    return {"Flickr8k_text.zip": make_zip(text, zipfile.ZIP_DEFLATED), "Flickr8k_Dataset.zip": make_zip(images)}
+
+
+def serve(srv, archives: dict[str, bytes]) -> None:
+    srv.archives = archives
+    srv.files = {FLICKR_PATHS[name]: data for name, data in archives.items()}
+
+
+@pytest.fixture
+def flickr_server(server, tmp_path_factory):
+    photos = flickr_photos(tmp_path_factory.mktemp("photos"))
+    server.photos = photos
+    serve(server, make_flickr_archives(photos))
+    return server
+
+
+def flickr_base(srv) -> str:
+    return f"http://127.0.0.1:{srv.server_address[1]}/flickr8k/"
+
+
+def fetch_flickr(dest: Path, srv, **kwargs):
+    messages: list[str] = []
+    kwargs = {"progress": False, "retries": 3, "timeout": 5, "log": messages.append, **kwargs}
+    return download_flickr8k(dest, flickr_base(srv), **kwargs), messages
+
+
+def flickr_requests(srv, name: str) -> list:
+    return [r for r in srv.requests if r[0] == FLICKR_PATHS[name]]
+
+
+def test_flickr8k_table_has_no_invented_checksums():
+    assert [f.name for f in FLICKR8K_FILES] == ["Flickr8k_text.zip", "Flickr8k_Dataset.zip"]
+    assert all(f.size is None and f.checksum is None for f in FLICKR8K_FILES)
+    assert all(f.url == "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/" + f.name
+               for f in FLICKR8K_FILES)
+
+
+def test_flickr8k_cli_gives_a_folder_prepare_reads(tmp_path, flickr_server):
+    dest = tmp_path / "my flickr8k"  # a space: the printed command must quote it
+    r = CliRunner().invoke(main, ["download", "flickr8k", str(dest), "--base-url", flickr_base(flickr_server)])
+    assert r.exit_code == 0, r.output
+
+    prepare_cmd = f"pipeline prepare --dataset flickr8k --annotations '{dest}' --images '{dest}'"
+    assert r.stdout.splitlines() == [r.stdout.splitlines()[0], f"next: {prepare_cmd}"]
+    assert r.stdout.startswith(f"flickr8k in {dest}: 2 downloaded, 2 extracted;")
+    for name, data in flickr_server.photos.items():
+        assert (dest / "Flicker8k_Dataset" / name).read_bytes() == data
+    for name in ("Flickr8k.token.txt", "Flickr_8k.trainImages.txt", "Flickr_8k.devImages.txt",
+                 "Flickr_8k.testImages.txt", "Flickr8k.lemma.token.txt", "readme.txt"):
+        assert (dest / name).is_file()
+    assert not (dest / "__MACOSX").exists()  # resource forks are not written
+    assert not list(dest.rglob("*.part")) and not list(dest.rglob("*.tmp"))
+
+    # the printed command, as a shell splits it (plus an out dir), finds every caption and every image
+    args = shlex.split(r.stdout.splitlines()[-1].removeprefix("next: "))
+    assert args[:2] == ["pipeline", "prepare"]
+    args = args[1:]
+    cache = tmp_path / "cache"
+    r = CliRunner().invoke(main, args + ["--strict", "--vocab-threshold", "1", "--out-dir", str(cache)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["dataset"] == "flickr8k"
+    by_split = Counter(rec["split"] for rec in manifest["images"])
+    assert by_split == {"train": 3, "val": 2, "test": 1}
+
+    # a rerun asks the server nothing
+    flickr_server.requests.clear()
+    summary, _ = fetch_flickr(dest, flickr_server)
+    assert flickr_server.requests == [] and [f.action for f in summary.files] == ["skipped"] * 2
+
+
+def test_flickr8k_resumes_a_cut_and_an_earlier_part(tmp_path, flickr_server):
+    text = flickr_server.archives["Flickr8k_text.zip"]
+    photos = flickr_server.archives["Flickr8k_Dataset.zip"]
+    (tmp_path / "Flickr8k_text.zip.part").write_bytes(text[:100])  # a run killed earlier
+    flickr_server.cut_once = {FLICKR_PATHS["Flickr8k_Dataset.zip"]}  # and a cut in this one
+    summary, messages = fetch_flickr(tmp_path, flickr_server)
+
+    assert flickr_requests(flickr_server, "Flickr8k_text.zip") == [(FLICKR_PATHS["Flickr8k_text.zip"], "bytes=100-")]
+    # no size is known: the server's Content-Length is what tells a cut from the end of the file
+    half = len(photos) // 2
+    assert flickr_requests(flickr_server, "Flickr8k_Dataset.zip") == [
+        (FLICKR_PATHS["Flickr8k_Dataset.zip"], None), (FLICKR_PATHS["Flickr8k_Dataset.zip"], f"bytes={half}-")]
+    assert any(f"connection closed at byte {half} of {len(photos)}" in m for m in messages)
+    assert (tmp_path / "Flickr8k_text.zip").read_bytes() == text
+    assert (tmp_path / "Flickr8k_Dataset.zip").read_bytes() == photos
+    assert [(f.action, f.nbytes, f.reconnects) for f in summary.files] == [
+        ("resumed", len(text) - 100, 0), ("downloaded", len(photos), 1)]
+    name = FLICKR_SPLITS["test"][0]
+    assert (tmp_path / "Flicker8k_Dataset" / name).read_bytes() == flickr_server.photos[name]
+
+
+def test_flickr8k_corrupt_archive_is_refused_in_one_line(tmp_path, flickr_server):
+    data = bytearray(flickr_server.archives["Flickr8k_Dataset.zip"])
+    info = zipfile.ZipFile(io.BytesIO(data)).getinfo("Flicker8k_Dataset/" + FLICKR_SPLITS["dev"][1])
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2
+    data[start:start + 8] = bytes(b ^ 0xFF for b in data[start:start + 8])  # same length: passes Content-Length
+    flickr_server.files[FLICKR_PATHS["Flickr8k_Dataset.zip"]] = bytes(data)
+    dest = tmp_path / "f8k"
+
+    r = CliRunner().invoke(main, ["download", "flickr8k", str(dest), "--base-url", flickr_base(flickr_server)])
+    assert r.exit_code == 1
+    errors = r.stderr.splitlines()[-1:]
+    assert errors == [f"Error: {dest / 'Flickr8k_Dataset.zip'} is corrupt: delete it and rerun `pipeline download` "
+                      f"to fetch it again (member Flicker8k_Dataset/{FLICKR_SPLITS['dev'][1]} fails its CRC check)"]
+    assert "Traceback" not in r.output
+    assert not (dest / "Flicker8k_Dataset").exists()  # nothing of it was written
+    assert not (dest / ".Flickr8k_Dataset.zip.extracted").exists()
+    assert (dest / ".Flickr8k_text.zip.extracted").exists()  # the text archive before it is complete
+
+
+def test_flickr8k_truncated_archive_is_refused(tmp_path, flickr_server):
+    """A server that ends the file early and says so in Content-Length cannot be told apart by length;
+    the zip check catches it (the central directory is at the end)."""
+    flickr_server.files[FLICKR_PATHS["Flickr8k_text.zip"]] = flickr_server.archives["Flickr8k_text.zip"][:-200]
+    with pytest.raises(PipelineError, match=r"Flickr8k_text\.zip is corrupt") as e:
+        fetch_flickr(tmp_path, flickr_server)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "Flickr8k.token.txt").exists()
+
+
+@pytest.mark.parametrize("evil", ["../evil.txt", "__MACOSX/../../evil.txt", "/tmp/evil.txt"])
+def test_flickr8k_zip_slip_is_refused(tmp_path, flickr_server, evil):
+    archives = make_flickr_archives(flickr_server.photos)
+    members = {n: zipfile.ZipFile(io.BytesIO(archives["Flickr8k_text.zip"])).read(n)
+               for n in zipfile.ZipFile(io.BytesIO(archives["Flickr8k_text.zip"])).namelist()}
+    archives["Flickr8k_text.zip"] = make_zip({**members, evil: b"owned"})
+    serve(flickr_server, archives)
+    dest = tmp_path / "f8k"
+
+    with pytest.raises(PipelineError, match="unsafe path") as e:
+        fetch_flickr(dest, flickr_server)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "evil.txt").exists()
+    assert not (dest / "Flickr8k.token.txt").exists()  # refused before anything was written
+    assert flickr_requests(flickr_server, "Flickr8k_Dataset.zip") == []  # and the photos never fetched
+
+
+def test_flickr8k_archive_without_the_split_lists_is_refused(tmp_path, flickr_server):
+    archives = make_flickr_archives(flickr_server.photos, text={"Flickr8k.token.txt": b"x.jpg#0\tA cat .\n"})
+    serve(flickr_server, archives)
+    with pytest.raises(PipelineError, match=r"does not contain Flickr_8k\.trainImages\.txt: it is not the "
+                                            r"expected archive; delete it and rerun \(check --base-url\)"):
+        fetch_flickr(tmp_path, flickr_server)
+    assert not (tmp_path / "Flickr8k.token.txt").exists()
+
+
+def test_flickr8k_photo_archive_without_photos_is_refused(tmp_path, flickr_server):
+    serve(flickr_server, {**flickr_server.archives,
+                          "Flickr8k_Dataset.zip": make_zip({"Flicker8k_Dataset/": b"", "readme.txt": b""})})
+    with pytest.raises(PipelineError, match="does not contain Flicker8k_Dataset"):
+        fetch_flickr(tmp_path, flickr_server)
+
+
+def test_flickr8k_404_names_the_url_and_the_mirror_option(tmp_path, flickr_server):
+    del flickr_server.files[FLICKR_PATHS["Flickr8k_text.zip"]]
+    with pytest.raises(PipelineError, match=r"flickr8k/Flickr8k_text\.zip answered HTTP 404 Not Found: check the "
+                                            r"address \(--base-url when using a mirror\)"):
+        fetch_flickr(tmp_path, flickr_server)

@@ -26,6 +26,21 @@ def download_coco2014(dest, base_url, karpathy_url, delete_archives):
     click.echo(summary.line())
 
 
+@download.command("flickr8k")
+@click.argument("dest", type=click.Path())
+@click.option("--base-url", default=None,
+              help="Mirror of github.com/jbrownlee/Datasets/releases/download/Flickr8k/ (same file names).")
+@click.option("--delete-archives", is_flag=True, help="Delete each zip once it is extracted.")
+def download_flickr8k(dest, base_url, delete_archives):
+    """Flickr8k photos, captions and splits into DEST (resumable), ready for `pipeline prepare`."""
+    from pipeline.acquire.download import download_flickr8k as run
+    from pipeline.acquire.download import flickr8k_prepare_command
+
+    summary = run(dest, base_url=base_url, keep_archives=not delete_archives, log=lambda m: click.echo(m, err=True))
+    click.echo(summary.line())
+    click.echo(f"next: {flickr8k_prepare_command(dest)}")
+
+
 @click.command("demo-data")
 @click.argument("dest", type=click.Path())
 @click.option("--train", "n_train", default=1200, show_default=True, type=click.IntRange(1))
