@@ -25,3 +25,6 @@ class PrepareConfig(Settings):
     max_length: int = setting(20, "Cut captions to this many words (20 keeps ~99% of COCO captions whole).", min=1)
     strict: bool = setting(False, "Fail when an annotated image is missing on disk (default: skip and count).",
                            flag="--strict")
+    allow_outside: bool = setting(False, "Read images whose annotated path leads outside every --images folder "
+                                  "(an absolute path or one climbing out with ..); refused by default.",
+                                  flag="--allow-outside")

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import posixpath
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ SPLIT_ORDER = {s: i for i, s in enumerate(SPLITS)}
 # Folders that the usual downloads unpack images into, tried under each image dir.
 FLICKR_IMAGE_SUBDIRS = ("images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "flickr30k_images")
 _EXAMPLES = 5
+INT64 = (-(2 ** 63), 2 ** 63 - 1)  # image ids are stored as int64 (labels.h5, features.h5, checkpoints)
 
 
 @dataclass
@@ -39,22 +41,23 @@ class ReadStats:
     unsplit_images: int = 0  # Flickr8k: captioned but in no split list given: left out
     unknown_listed: int = 0  # Flickr8k: in a split list but not in the token file: left out
     unmatched_captions: int = 0  # COCO: captions whose image_id names no image of their file: left out
+    outside_images: int = 0  # named by a path leaving the image folders, allowed by allow_outside
 
 
 def read_dataset(dataset: str, annotations: Sequence[PathLike], images: Sequence[PathLike],
-                 strict: bool = False) -> tuple[Manifest, ReadStats]:
+                 strict: bool = False, allow_outside: bool = False) -> tuple[Manifest, ReadStats]:
     """Dispatch on the dataset name the CLI was given."""
     annotations = list(annotations)
     if not annotations:
         raise PipelineError("no annotation files given: pass --annotations (a captions JSON, split file or folder)")
     if dataset == "coco":
-        return read_coco(annotations, images, strict=strict)
+        return read_coco(annotations, images, strict=strict, allow_outside=allow_outside)
     if dataset == "karpathy":
         if len(annotations) != 1:
             raise PipelineError(f"karpathy takes one split file (e.g. dataset_coco.json), got {len(annotations)}")
-        return read_karpathy(annotations[0], images, strict=strict)
+        return read_karpathy(annotations[0], images, strict=strict, allow_outside=allow_outside)
     if dataset == "flickr8k":
-        return read_flickr8k(annotations, images, strict=strict)
+        return read_flickr8k(annotations, images, strict=strict, allow_outside=allow_outside)
     raise PipelineError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
 
 
@@ -62,7 +65,7 @@ def read_dataset(dataset: str, annotations: Sequence[PathLike], images: Sequence
 
 
 def read_coco(annotation_files: Sequence[PathLike], image_dirs: Sequence[PathLike],
-              strict: bool = False) -> tuple[Manifest, ReadStats]:
+              strict: bool = False, allow_outside: bool = False) -> tuple[Manifest, ReadStats]:
     """COCO captions files (captions_{train,val}{2014,2017}.json, image_info_test*.json), read via pycocotools.
 
     The split comes from the file name. An image is looked up as `<dir>/<file_name>`, then in the
@@ -71,7 +74,7 @@ def read_coco(annotation_files: Sequence[PathLike], image_dirs: Sequence[PathLik
     """
     from pycocotools.coco import COCO
 
-    finder = _Finder(image_dirs)
+    finder = _Finder(image_dirs, allow_outside)
     stats = ReadStats()
     records: list[ImageRecord] = []
     origin: dict[int, Path] = {}
@@ -104,6 +107,9 @@ def _check_coco_shape(path: Path, data: object, split: str) -> None:
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise PipelineError(f'{path} is not a COCO annotation file (no "images" list): '
                             "pass captions_train2014.json / captions_val2014.json from cocodataset.org")
+    if not data["images"]:
+        raise PipelineError(f'{path} lists no images ("images" is empty): pass the captions file of a split '
+                            "as downloaded (e.g. captions_train2014.json)")
     for img in data["images"]:
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
             raise PipelineError(f'{path}: an entry of "images" lacks "id" or "file_name": is this a COCO file?')
@@ -128,11 +134,16 @@ def _check_coco_shape(path: Path, data: object, split: str) -> None:
 def _check_coco_values(path: Path, data: dict) -> int:
     """Refuse ids that are not integers and captions that are not text, naming the entry (pycocotools
     would crash on the one and store "['a', 'list']" for the other). Returns how many captions name an
-    image_id that no image of the file has: they are left out, and counted in the summary."""
-    ids = set()
+    image_id that no image of the file has: they are left out, and counted in the summary. One id
+    listed with two different files is refused (pycocotools would silently keep the last)."""
+    ids: dict[int, tuple[int, str]] = {}  # id -> (index, file_name) of its first entry
     for n, img in enumerate(data["images"]):
         img["id"] = _integer(img["id"], f'{path}: images[{n}] ("file_name": {str(img["file_name"])[:80]!r}) has "id"')
-        ids.add(img["id"])
+        first = ids.setdefault(img["id"], (n, str(img["file_name"])))
+        if first[1] != str(img["file_name"]):
+            raise PipelineError(f'{path}: image id {img["id"]} is listed with two files, {first[1][:80]!r} '
+                                f'(images[{first[0]}]) and {str(img["file_name"])[:80]!r} (images[{n}]): keep '
+                                f'one entry per id, or re-download the file')
     unmatched = 0
     for n, a in enumerate(data["annotations"]):
         a["image_id"] = _integer(a["image_id"], f'{path}: annotations[{n}] has "image_id"')
@@ -145,13 +156,21 @@ def _check_coco_values(path: Path, data: dict) -> int:
 
 
 def _integer(value: object, where: str) -> int:
-    """`value` as an int when it is one (or a string of digits); else PipelineError "`where` VALUE: ..."."""
+    """`value` as an int when it is one (or a string of digits) that fits int64, the type every later
+    stage stores ids as; else PipelineError "`where` VALUE, which ...". Negative ids are kept: nothing
+    downstream reads meaning into the sign (ids are only compared, sorted and stored as int64)."""
+    number = None
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    raise PipelineError(f"{where} {str(value)[:60]!r}, which is not an integer id: fix that entry or re-download "
-                        f"the file")
+        number = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value)
+    if number is None:
+        raise PipelineError(f"{where} {str(value)[:60]!r}, which is not an integer id: fix that entry or "
+                            f"re-download the file")
+    if not INT64[0] <= number <= INT64[1]:
+        raise PipelineError(f"{where} {str(value)[:60]}, which does not fit in 64 bits (ids are stored as int64, "
+                            f"at most {INT64[1]}): fix that entry or re-download the file")
+    return number
 
 
 def _split_from_name(path: Path) -> str:
@@ -167,7 +186,7 @@ def _split_from_name(path: Path) -> str:
 
 
 def read_karpathy(annotation_file: PathLike, image_dirs: Sequence[PathLike],
-                  strict: bool = False) -> tuple[Manifest, ReadStats]:
+                  strict: bool = False, allow_outside: bool = False) -> tuple[Manifest, ReadStats]:
     """Karpathy's split files (dataset_coco.json, dataset_flickr8k.json, dataset_flickr30k.json).
 
     "restval" (COCO val images given to training) counts as train. Ids are `cocoid` when present, so a
@@ -178,7 +197,10 @@ def read_karpathy(annotation_file: PathLike, image_dirs: Sequence[PathLike],
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise PipelineError(f'{path} is not a Karpathy split file (no "images" list): pass dataset_coco.json, '
                             "dataset_flickr8k.json or dataset_flickr30k.json")
-    finder = _Finder(image_dirs)
+    if not data["images"]:
+        raise PipelineError(f'{path} lists no images ("images" is empty): pass dataset_coco.json, '
+                            "dataset_flickr8k.json or dataset_flickr30k.json as downloaded")
+    finder = _Finder(image_dirs, allow_outside)
     stats = ReadStats()
     records: list[ImageRecord] = []
     origin: dict[int, Path] = {}
@@ -186,7 +208,8 @@ def read_karpathy(annotation_file: PathLike, image_dirs: Sequence[PathLike],
         try:
             name = str(img["filename"])
             split = {"restval": "train"}.get(img["split"], img["split"])
-            img_id = int(img["cocoid"] if "cocoid" in img else img["imgid"])
+            key = "cocoid" if "cocoid" in img else "imgid"
+            img_id = _integer(img[key], f'{path}: images[{n}] ("filename": {name[:80]!r}) has "{key}"')
             captions = [str(s["raw"]) for s in img["sentences"]]
         except (KeyError, TypeError, ValueError) as e:
             raise PipelineError(f"{path}: image #{n} lacks a valid {e} field "
@@ -210,7 +233,7 @@ _FLICKR8K_TOKEN = "Flickr8k.token.txt"
 
 
 def read_flickr8k(annotation_files: Sequence[PathLike], image_dirs: Sequence[PathLike] = (),
-                  strict: bool = False) -> tuple[Manifest, ReadStats]:
+                  strict: bool = False, allow_outside: bool = False) -> tuple[Manifest, ReadStats]:
     """Flickr8k's own text files: Flickr8k.token.txt and the Flickr_8k.{train,dev,test}Images.txt lists.
 
     `annotation_files` may name the files or the folder holding them. dev -> val. Images in no split
@@ -237,7 +260,7 @@ def read_flickr8k(annotation_files: Sequence[PathLike], image_dirs: Sequence[Pat
     stats.unsplit_images = len(ids) - len(split_of)
     if not image_dirs:
         image_dirs = list(dict.fromkeys([token_file.parent] + [p.parent for p in lists.values()]))
-    finder = _Finder(image_dirs)
+    finder = _Finder(image_dirs, allow_outside)
     records: list[ImageRecord] = []
     for name, split in split_of.items():
         candidates = [name] + [f"{s}/{name}" for s in FLICKR_IMAGE_SUBDIRS]
@@ -305,10 +328,20 @@ def _read_lines(path: Path) -> list[str]:
 # ----------------------------------------------------------------------------------------- helpers
 
 
-class _Finder:
-    """Finds image files under the given folders, listing each folder once rather than stat-ing 100k files."""
+def leaves_folder(rel: str) -> bool:
+    """Whether an annotation's image path, taken relative to an image folder, names a file outside it:
+    absolute, or climbing out with "..". Judged on the normalised text only: a symlinked image folder
+    works, and a symlink inside a folder is followed (it is the folder owner's own doing)."""
+    return os.path.isabs(rel) or posixpath.normpath(rel).split("/")[0] == ".."
 
-    def __init__(self, image_dirs: Sequence[PathLike]):
+
+class _Finder:
+    """Finds image files under the given folders, listing each folder once rather than stat-ing 100k files.
+
+    Names that lead outside the folders (`leaves_folder`) are looked up only with allow_outside; else
+    they are collected (`outside`) and `_finish` refuses the dataset, listing a few."""
+
+    def __init__(self, image_dirs: Sequence[PathLike], allow_outside: bool = False):
         if not image_dirs:
             raise PipelineError("no image folders given: pass --images (the folder(s) holding the images)")
         self.dirs = [Path(os.path.abspath(d)) for d in image_dirs]
@@ -316,6 +349,9 @@ class _Finder:
             if not d.is_dir():
                 raise PipelineError(f"image folder {d} does not exist or is not a folder: check --images")
         self._listings: dict[Path, frozenset[str]] = {}
+        self.allow_outside = allow_outside
+        self.outside: list[str] = []  # names refused for leaving the folders (allow_outside off)
+        self.outside_found = 0  # names leaving the folders, found (allow_outside on)
 
     def _names(self, folder: Path) -> frozenset[str]:
         if folder not in self._listings:
@@ -327,6 +363,15 @@ class _Finder:
 
     def find(self, candidates: Sequence[str]) -> tuple[int, str] | None:
         """(dir index, path relative to it) of the first candidate found, dirs in order."""
+        leaving = [rel for rel in candidates if leaves_folder(rel)]
+        if leaving and not self.allow_outside:
+            self.outside.append(leaving[0])
+            return None
+        hit = self._find(candidates)
+        self.outside_found += bool(hit and leaves_folder(hit[1]))
+        return hit
+
+    def _find(self, candidates: Sequence[str]) -> tuple[int, str] | None:
         for i, d in enumerate(self.dirs):
             for rel in candidates:
                 p = d / rel
@@ -350,6 +395,14 @@ def _add(records: list[ImageRecord], stats: ReadStats, finder: _Finder, img_id: 
 def _finish(dataset: str, finder: _Finder, records: list[ImageRecord], stats: ReadStats, strict: bool,
             sources: Sequence[PathLike]) -> tuple[Manifest, ReadStats]:
     dirs = ", ".join(map(str, finder.dirs))
+    if finder.outside:
+        examples = ", ".join(map(repr, finder.outside[:_EXAMPLES]))
+        raise PipelineError(f"{len(finder.outside)} image names in {', '.join(map(str, sources))} lead outside the "
+                            f"image folders ({dirs}), e.g. {examples}: fix those entries, or pass --allow-outside "
+                            "(prepare.allow_outside: true) if reading files from there is meant")
+    if not stats.annotated_images:
+        raise PipelineError(f"{', '.join(map(str, sources))} list no images of any split: pass the dataset's "
+                            "annotation files as downloaded")
     if not records:
         raise PipelineError(f"none of the {stats.annotated_images} images named in "
                             f"{', '.join(map(str, sources))} were found under {dirs}: "
@@ -357,6 +410,7 @@ def _finish(dataset: str, finder: _Finder, records: list[ImageRecord], stats: Re
     if strict and stats.missing_images:
         raise PipelineError(f"{stats.missing_images} annotated images are missing under {dirs}, e.g. "
                             f"{', '.join(stats.missing_examples)}: complete the download or drop --strict")
+    stats.outside_images = finder.outside_found
     records.sort(key=lambda r: (SPLIT_ORDER[r.split], r.id))
     return Manifest(dataset=dataset, image_dirs=[str(d) for d in finder.dirs], images=records), stats
 
@@ -382,7 +436,7 @@ def _existing_files(paths: Sequence[PathLike], what: str) -> list[Path]:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a BOM at the start (some editors write one) is dropped
     except UnicodeDecodeError as e:
         raise PipelineError(f"{path} is not UTF-8 text ({e}): pass the original annotation file") from None
     except OSError as e:

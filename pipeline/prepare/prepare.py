@@ -59,12 +59,15 @@ class PrepareSummary:
     train_length_p99: int = 0  # the max_length that keeps 99% of training captions whole
     vocab_source: str = ""  # the --vocab file the vocabulary came from ("": built from the train split)
     unmatched_captions: int = 0  # COCO: captions whose image_id names no image: left out
+    outside_images: int = 0  # read from outside the image folders (allow_outside)
 
     def line(self) -> str:
         splits = ", ".join(f"{s} {self.split_images.get(s, 0)}" for s in SPLITS)
         extra = f", {self.unsplit_images} in no split list" if self.unsplit_images else ""
         if self.unmatched_captions:
             extra += f", left out {self.unmatched_captions} captions of no listed image"
+        if self.outside_images:
+            extra += f", read {self.outside_images} images from outside the image folders (allow_outside)"
         return (f"prepared {self.dataset}: {self.images} images ({splits}), {self.captions} captions, "
                 f"vocab {self.vocab_size} ({self._vocab_origin()}); skipped {self.skipped_images} "
                 f"missing images{extra}, dropped {self.dropped_empty} empty captions, cut {self.cut_captions} "
@@ -125,7 +128,7 @@ def _prepare(cfg: PrepareConfig, out_dir: str | os.PathLike) -> PrepareSummary:
     if out.exists() and not out.is_dir():
         raise PipelineError(f"output path {out} exists and is not a folder: choose another --out-dir")
 
-    manifest, stats = read_dataset(dataset, annotations, images, strict=strict)
+    manifest, stats = read_dataset(dataset, annotations, images, strict=strict, allow_outside=cfg.allow_outside)
 
     # Tokenize once; drop captions with no words from the manifest too, so labels rows match it 1:1.
     # Treebank tokenization costs ~0.3 ms a caption (minutes for COCO): show progress on a terminal,
@@ -203,4 +206,4 @@ def _prepare(cfg: PrepareConfig, out_dir: str | os.PathLike) -> PrepareSummary:
         vocab_size=len(vocab), vocab_threshold=vocab_threshold, max_length=max_length,
         skipped_images=stats.missing_images, unsplit_images=stats.unsplit_images, dropped_empty=dropped,
         cut_captions=cut, train_fit_fraction=fit, train_length_p99=p99, vocab_source=cfg.vocab,
-        unmatched_captions=stats.unmatched_captions)
+        unmatched_captions=stats.unmatched_captions, outside_images=stats.outside_images)
