@@ -22,7 +22,7 @@ from pipeline.caption.caption import expand_inputs
 from pipeline.cli import main
 from pipeline.core.errors import PipelineError
 from pipeline.core.manifest import ImageRecord, load_manifest
-from pipeline.extract.images import Preprocess
+from pipeline.encoder.images import Preprocess
 
 SMALL = dict(arch="resnet18", weights="none", resize=72, crop=64, batch_size=4, workers=0)
 

@@ -102,7 +102,7 @@ def test_disk_filling_up_during_extract_keeps_finished_parts(prepared_cache, tmp
 
 # ----------------------------------------------------------------------------- 3. absurd aspect ratios
 def test_thin_images_are_bad_images_not_gigabytes(tmp_path):
-    from pipeline.extract.images import Preprocess
+    from pipeline.encoder.images import Preprocess
 
     Image.new("RGB", (1, 20000), (255, 0, 0)).save(tmp_path / "strip.png")
     Image.new("RGB", (100000, 1), (255, 0, 0)).save(tmp_path / "wide.png")

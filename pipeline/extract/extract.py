@@ -49,7 +49,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path, sha256_json, write_json
 from pipeline.core.locks import hold
 from pipeline.core.manifest import Manifest, load_manifest
-from pipeline.core.runtime import autocast, choose_device, default_workers, tune
+from pipeline.core.runtime import choose_device, default_workers
 from pipeline.core.storage import (
     as_disk_error,
     check_free_space,
@@ -58,10 +58,10 @@ from pipeline.core.storage import (
     is_disk_error,
     remove_stale_temps,
 )
+from pipeline.encoder.encoder import encode_images, load_encoder, make_spec
+from pipeline.encoder.images import Preprocess, image_batches
 from pipeline.extract.changes import STAT_KEYS, changed_rows, image_stats, read_stats
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.encoder import build_encoder, make_spec, set_layout
-from pipeline.extract.images import ImageFiles, Preprocess, collate, start_loader
 
 NP_DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -355,41 +355,6 @@ def _seed_parts(out: Path, parts_dir: Path, chunks: list, redo: np.ndarray, now:
                 _write_stats(parts_dir, k, {key: f[key][s:e].astype(f[key].dtype.str) for key in STAT_KEYS})
                 _write_part(parts_dir, k, f["features"][s:e], list(f["errors"].asstr()[s:e]))
     return pending
-
-
-def image_batches(paths: list[str], preprocess: Preprocess, batches: list[list[int]], device: torch.device,
-                  workers: int, gpu_decode: bool = False):
-    """An iterator of (rows (B,) int64, uint8 images (B, 3, S, S), errors [str]), decoded batch by batch in
-    `workers` DataLoader processes; with `gpu_decode` on CUDA the workers only read JPEG bytes and the GPU
-    decodes them (see gpu_decode). The workers start at once: made before the encoder is built, they decode
-    the first batches while the main process imports torchvision and builds the network (~1.5 s)."""
-    if gpu_decode and device.type == "cuda":
-        from pipeline.extract.gpu_decode import gpu_batches
-
-        return gpu_batches(paths, preprocess, batches, device, workers)
-    return start_loader(ImageFiles(paths, preprocess), batches, workers, collate, pin_memory=device.type == "cuda")
-
-
-def encode_images(encoder: torch.nn.Module, images, device: torch.device, amp: str = "auto"):
-    """Run `encoder` over `images` (from image_batches), batch by batch. Shared by `extract` and `caption`.
-
-    Yields (rows (B,) int64 numpy, features (B, D) float32 numpy, errors [str]); rows that failed to
-    decode carry zeros and their reason."""
-    with torch.inference_mode(), autocast(device, amp):
-        for rows, batch, errs in images:
-            batch = batch.to(device, non_blocking=True)  # (B, 3, S, S) uint8
-            if device.type == "cuda":
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            feats = encoder(batch).cpu().numpy()  # (B, D) float32
-            for j, err in enumerate(errs):
-                if err:
-                    feats[j] = 0
-            yield rows.numpy(), feats, errs
-
-
-def load_encoder(spec: EncoderSpec, device: torch.device, weights_file=None) -> torch.nn.Module:
-    tune(device, fixed_shapes=True)  # every batch is (B, 3, crop, crop)
-    return set_layout(build_encoder(spec, weights_file).to(device), channels_last=True)  # why: Encoder's doc
 
 
 def _compute(manifest: Manifest, spec: EncoderSpec, preprocess: Preprocess, pending: list, parts_dir: Path,
