@@ -84,9 +84,9 @@ def test_extract_on_a_full_disk_is_refused_before_any_work(prepared_cache, tmp_p
 
 
 def test_disk_filling_up_during_extract_keeps_finished_parts(prepared_cache, tmp_path, monkeypatch):
-    import pipeline.extract.extract as ex
+    import pipeline.extract.parts as parts
 
-    monkeypatch.setattr(ex, "_check_space", lambda *a: None)  # the disk fills up after the check
+    monkeypatch.setattr(parts, "_check_space", lambda *a: None)  # the disk fills up after the check
     with tmpfs(tmp_path / "small", "1m") as small:
         cache = copy_cache(prepared_cache, small / "cache")
         fill(small, 40 * 1024)  # room for the first parts (5 rows x 512 x 4 bytes + overhead), not for all
