@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.extract.images import Preprocess
+from pipeline.encoder.images import Preprocess
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared/data/flickr8k/fullsize"
 

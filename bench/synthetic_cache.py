@@ -20,9 +20,9 @@ import numpy as np
 
 from pipeline.core.fileio import sha256_json
 from pipeline.core.manifest import ImageRecord, Manifest
-from pipeline.extract.encoder import make_spec
+from pipeline.encoder.encoder import make_spec
+from pipeline.encoder.images import Preprocess
 from pipeline.extract.extract import cache_settings
-from pipeline.extract.images import Preprocess
 
 
 def _words(rng: np.random.Generator, count: int) -> list[str]:

@@ -35,16 +35,16 @@ TRAIN = ["train", "--batch-size", "8", "--lr", "0.005", "--embed-size", "32", "-
 # SIGKILLs the process right after its first part is durable (as a crash or an OOM kill would).
 WRAPPER = """
 import os, signal, sys
-import pipeline.extract.extract as ex
 from pipeline.cli import main
-original = ex._write_part
-def write_part(parts_dir, k, feats, errors):
-    original(parts_dir, k, feats, errors)
+from pipeline.extract.parts import Parts
+original = Parts.write_part
+def write_part(self, k, feats, errors):
+    original(self, k, feats, errors)
     with open(os.environ["PARTS_LOG"], "a") as f:
         f.write(f"{os.environ['RANK']} {k}\\n")
     if os.environ.get("KILL_RANK") == os.environ["RANK"]:
         os.kill(os.getpid(), signal.SIGKILL)
-ex._write_part = write_part
+Parts.write_part = write_part
 main(sys.argv[1:], prog_name="pipeline")
 """
 

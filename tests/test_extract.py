@@ -22,7 +22,7 @@ from pipeline.caption.caption import expand_inputs
 from pipeline.cli import main
 from pipeline.core.errors import PipelineError
 from pipeline.core.manifest import ImageRecord, load_manifest
-from pipeline.extract.images import Preprocess
+from pipeline.encoder.images import Preprocess
 
 SMALL = dict(arch="resnet18", weights="none", resize=72, crop=64, batch_size=4, workers=0)
 
@@ -123,12 +123,13 @@ def test_cli_refusal_is_one_clear_line(prepared_cache):
 KILLER = """
 import os, signal, sys
 import pipeline.extract.extract as ex
-original = ex._write_part
-def write_then_die(parts_dir, k, feats, errors):
-    original(parts_dir, k, feats, errors)
+from pipeline.extract.parts import Parts
+original = Parts.write_part
+def write_then_die(self, k, feats, errors):
+    original(self, k, feats, errors)
     if k == 1:
         os.kill(os.getpid(), signal.SIGKILL)  # like a power cut right after chunk 1 is durable
-ex._write_part = write_then_die
+Parts.write_part = write_then_die
 from pipeline.extract.config import ExtractConfig
 ex.extract(sys.argv[1], ExtractConfig(arch="resnet18", weights="none", resize=72, crop=64, batch_size=3,
            chunk_size=5, workers=0), out=sys.argv[2], progress=False)

@@ -84,9 +84,9 @@ def test_extract_on_a_full_disk_is_refused_before_any_work(prepared_cache, tmp_p
 
 
 def test_disk_filling_up_during_extract_keeps_finished_parts(prepared_cache, tmp_path, monkeypatch):
-    import pipeline.extract.extract as ex
+    import pipeline.extract.parts as parts
 
-    monkeypatch.setattr(ex, "_check_space", lambda *a: None)  # the disk fills up after the check
+    monkeypatch.setattr(parts, "_check_space", lambda *a: None)  # the disk fills up after the check
     with tmpfs(tmp_path / "small", "1m") as small:
         cache = copy_cache(prepared_cache, small / "cache")
         fill(small, 40 * 1024)  # room for the first parts (5 rows x 512 x 4 bytes + overhead), not for all
@@ -102,7 +102,7 @@ def test_disk_filling_up_during_extract_keeps_finished_parts(prepared_cache, tmp
 
 # ----------------------------------------------------------------------------- 3. absurd aspect ratios
 def test_thin_images_are_bad_images_not_gigabytes(tmp_path):
-    from pipeline.extract.images import Preprocess
+    from pipeline.encoder.images import Preprocess
 
     Image.new("RGB", (1, 20000), (255, 0, 0)).save(tmp_path / "strip.png")
     Image.new("RGB", (100000, 1), (255, 0, 0)).save(tmp_path / "wide.png")

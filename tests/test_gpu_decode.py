@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.extract.encoder import build_encoder, make_spec
-from pipeline.extract.gpu_decode import JpegFiles, collate_jpeg, decode_batch, gpu_batches, jpeg_info
-from pipeline.extract.images import ImageFiles, Preprocess, collate
+from pipeline.encoder.encoder import build_encoder, make_spec
+from pipeline.encoder.gpu_decode import JpegFiles, collate_jpeg, decode_batch, gpu_batches, jpeg_info
+from pipeline.encoder.images import ImageFiles, Preprocess, collate
 
 CPU = torch.device("cpu")
 PRE = Preprocess(resize=128, crop=112)

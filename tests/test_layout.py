@@ -10,7 +10,7 @@ from dataclasses import MISSING, fields
 import click
 import pytest
 import yaml
-from layout import REPO, stage_closures
+from layout import REPO, closure, stage_closures
 
 from pipeline.cli import COMMANDS, main
 from pipeline.evaluate.config import EvaluateConfig
@@ -48,6 +48,13 @@ def test_dvc_deps_are_exactly_the_code_the_stage_imports(stage):
     extra = sorted(listed - closure)
     assert not extra, f"dvc.yaml's {stage} stage lists code it never imports (touching it would rerun it): {extra}"
     assert all((REPO / d).exists() for d in deps), deps
+
+
+def test_caption_uses_the_shared_encoder_not_the_extract_stage():
+    """caption rebuilds the encoder from pipeline/encoder; importing it reaches no file of pipeline/extract."""
+    files = {p.relative_to(REPO).as_posix() for p in closure("pipeline.caption.cli", "pipeline.caption.caption")}
+    assert "pipeline/encoder/encoder.py" in files
+    assert not [f for f in files if f.startswith("pipeline/extract/")], sorted(files)
 
 
 def test_stage_commands_load_no_other_stage():

@@ -10,9 +10,9 @@ from torchvision.transforms import v2
 
 from pipeline.core.cache import EncoderSpec
 from pipeline.core.errors import PipelineError
+from pipeline.encoder.encoder import make_spec
+from pipeline.encoder.images import Preprocess
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.encoder import make_spec
-from pipeline.extract.images import Preprocess
 
 ODD_SIZES = [(640, 427), (427, 640), (301, 299), (1001, 257), (257, 1001), (233, 233), (500, 333), (97, 800)]
 

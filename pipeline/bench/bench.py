@@ -27,11 +27,11 @@ from pipeline.core import distributed
 from pipeline.core.manifest import ImageRecord, Manifest
 from pipeline.core.runtime import autocast, choose_device, cpu_count, default_workers, heap_allocations, tune
 from pipeline.decoder.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
+from pipeline.encoder.encoder import build_encoder, encode_images, load_encoder, make_spec, set_layout
+from pipeline.encoder.images import Preprocess, image_batches
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.encoder import build_encoder, make_spec, set_layout
-from pipeline.extract.extract import encode_images, extract, image_batches, load_encoder
-from pipeline.extract.images import Preprocess
+from pipeline.extract.extract import extract
 from pipeline.train.config import TrainConfig
 
 

@@ -23,8 +23,8 @@ from pipeline.core.fileio import write_json, write_text
 from pipeline.core.runtime import choose_device, default_workers
 from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
 from pipeline.decoder.decode import DecodeConfig, decode
-from pipeline.extract.extract import encode_images, image_batches, load_encoder
-from pipeline.extract.images import Preprocess
+from pipeline.encoder.encoder import encode_images, load_encoder
+from pipeline.encoder.images import Preprocess, image_batches
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

@@ -8,9 +8,9 @@ from typing import ClassVar
 from pipeline.core.distributed import DIST_TIMEOUT_HELP, DIST_TIMEOUT_MINUTES
 from pipeline.core.runtime import AMP_CHOICES, DEVICE_HELP
 from pipeline.core.settings import Settings, setting
+from pipeline.encoder.archs import ARCHS
 from pipeline.extract.changes import VERIFY_CHOICES
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 DTYPES = ("float16", "float32")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 

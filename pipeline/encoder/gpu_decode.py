@@ -23,7 +23,7 @@ import struct
 import torch
 import torch.nn.functional as F
 
-from pipeline.extract.images import Preprocess, start_loader
+from pipeline.encoder.images import Preprocess, start_loader
 
 _SOF_BASELINE = (0xC0, 0xC1)  # baseline, extended sequential Huffman: what nvJPEG decodes
 _SOF_OTHER = (0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)  # progressive, lossless, arithmetic
@@ -156,7 +156,7 @@ def decode_batch(items: list, paths: list[str], rows: torch.Tensor, errors: list
 def gpu_batches(paths: list[str], preprocess: Preprocess, batches: list[list[int]], device: torch.device,
                 workers: int):
     """An iterator of (rows (B,) int64, uint8 (B, 3, crop, crop) on `device`, errors) like ImageFiles' loader;
-    its workers start reading at once (see extract.image_batches)."""
+    its workers start reading at once (see images.image_batches)."""
     loader = start_loader(JpegFiles(paths, preprocess), batches, workers, collate_jpeg)
 
     def decoded():

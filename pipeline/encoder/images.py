@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pipeline.encoder.archs import family_of
+from pipeline.encoder.family import IMAGENET_MEAN, IMAGENET_STD
+
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; larger files are refused as "absurdly large"
 # Longest side / shortest side beyond which an image is refused. Resizing the shorter side to `resize`
 # scales the longer one by the same factor: a 1x20000 strip (164 bytes as a PNG) would become
@@ -34,24 +35,31 @@ def check_aspect(w: int, h: int) -> None:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """ImageNet evaluation preprocessing: resize the shorter side, then center-crop a square."""
+    """ImageNet evaluation preprocessing: resize the shorter side, then center-crop a square.
+
+    `mean` and `std` (per channel, of pixels scaled to [0, 1]) are the normalisation the encoder applies on the
+    device (see encoder.Encoder): recorded here, by `describe`, because they decide the features as much."""
 
     resize: int = 256
     crop: int = 224
     max_pixels: int = DEFAULT_MAX_PIXELS
     interpolation: str = "bilinear"  # a PIL resampling filter's name; `to_tensor` resizes with exactly this one
     draft: bool = True  # let libjpeg decode big JPEGs at a reduced scale (see `load`)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     @classmethod
     def of(cls, spec) -> Preprocess:
-        """The preprocessing an EncoderSpec records."""
-        return cls(resize=spec.resize, crop=spec.crop, interpolation=spec.interpolation, draft=spec.draft)
+        """The preprocessing an EncoderSpec records (the normalisation is its arch's family's)."""
+        family = family_of(spec.arch)
+        return cls(resize=spec.resize, crop=spec.crop, interpolation=spec.interpolation, draft=spec.draft,
+                   mean=family.MEAN, std=family.STD)
 
     def describe(self) -> dict:
         """What the cache records about its preprocessing: this object's own fields, so it cannot drift.
         `geometry` names the resize/crop arithmetic (torchvision's), which decides the pixels as much."""
-        return {"resize": self.resize, "crop": self.crop, "mean": list(IMAGENET_MEAN),
-                "std": list(IMAGENET_STD), "interpolation": self.interpolation, "max_pixels": self.max_pixels,
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean),
+                "std": list(self.std), "interpolation": self.interpolation, "max_pixels": self.max_pixels,
                 "draft": self.draft, "geometry": "torchvision"}
 
     def check_size(self, w: int, h: int) -> None:
@@ -161,3 +169,16 @@ def collate(batch: list[tuple[int, torch.Tensor, str]]) -> tuple[torch.Tensor, t
     rows = torch.tensor([b[0] for b in batch], dtype=torch.long)  # (B,)
     images = torch.stack([b[1] for b in batch])  # (B, 3, S, S) uint8
     return rows, images, [b[2] for b in batch]
+
+
+def image_batches(paths: list[str], preprocess: Preprocess, batches: list[list[int]], device: torch.device,
+                  workers: int, gpu_decode: bool = False):
+    """An iterator of (rows (B,) int64, uint8 images (B, 3, S, S), errors [str]), decoded batch by batch in
+    `workers` DataLoader processes; with `gpu_decode` on CUDA the workers only read JPEG bytes and the GPU
+    decodes them (see gpu_decode). The workers start at once: made before the encoder is built, they decode
+    the first batches while the main process imports torchvision and builds the network (~1.5 s)."""
+    if gpu_decode and device.type == "cuda":
+        from pipeline.encoder.gpu_decode import gpu_batches
+
+        return gpu_batches(paths, preprocess, batches, device, workers)
+    return start_loader(ImageFiles(paths, preprocess), batches, workers, collate, pin_memory=device.type == "cuda")
