@@ -50,14 +50,17 @@ class EncoderSpec:
     feature_dim: int
     interpolation: str = "bilinear"  # PIL resampling filter of the resize (the weights' recipe unless overridden)
     draft: bool = True  # JPEGs decoded at a reduced scale (libjpeg draft) when that still covers `resize`
+    family: str = "resnet"  # the arch's family (pipeline/encoder/archs.py); records before families were ResNets
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def identity(self) -> dict:
-        """The fields that decide the features' values (not where a weights file happened to live)."""
+        """The fields that decide the features' values (not where a weights file happened to live, nor the
+        family, which the arch names: so records made before families existed compare equal)."""
         d = asdict(self)
         d.pop("weights_path")
+        d.pop("family")
         return d
 
     @classmethod
@@ -65,7 +68,7 @@ class EncoderSpec:
         return cls(arch=str(d["arch"]), weights=str(d["weights"]), weights_sha256=str(d.get("weights_sha256", "")),
                    weights_path=str(d.get("weights_path", "")), resize=int(d["resize"]), crop=int(d["crop"]),
                    feature_dim=int(d["feature_dim"]), interpolation=str(d.get("interpolation", "bilinear")),
-                   draft=_as_bool(d.get("draft", True)))
+                   draft=_as_bool(d.get("draft", True)), family=str(d.get("family", "resnet")))
 
 
 def _as_bool(value) -> bool:

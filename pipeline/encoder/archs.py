@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pipeline.core.errors import PipelineError
-from pipeline.encoder import resnet
+from pipeline.encoder import efficientnet_lite, resnet
 from pipeline.encoder.family import Family
 
-FAMILIES: tuple[Family, ...] = (resnet,)
+FAMILIES: tuple[Family, ...] = (resnet, efficientnet_lite)
 ARCHS = tuple(arch for family in FAMILIES for arch in family.FEATURE_DIMS)
 
 

@@ -85,7 +85,8 @@ def make_spec(arch: str, weights: str, resize: int | None = None, crop: int | No
     resize, crop, interpolation = resize or r, crop or c, interpolation or i
     if crop <= 0 or resize < crop:
         raise PipelineError(f"bad preprocessing sizes resize={resize}, crop={crop}: need resize >= crop > 0")
-    return EncoderSpec(arch, desc, sha, path, resize, crop, family.FEATURE_DIMS[arch], interpolation, draft)
+    return EncoderSpec(arch, desc, sha, path, resize, crop, family.FEATURE_DIMS[arch], interpolation, draft,
+                       family.NAME)
 
 
 def build_encoder(spec: EncoderSpec, weights_file: str | os.PathLike | None = None) -> Encoder:

@@ -19,6 +19,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Family(Protocol):
+    NAME: str  # recorded in EncoderSpec.family
     FEATURE_DIMS: dict[str, int]  # arch -> D of its pooled features: the archs this family builds
     MEAN: tuple[float, float, float]  # the normalisation its weights were trained with (pixels in [0, 1])
     STD: tuple[float, float, float]

