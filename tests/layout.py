@@ -66,6 +66,17 @@ STAGE_ENTRIES = {
 }
 
 
+# The stage packages (pipeline/<name>/): each is one command's own code, and none may import another's, so
+# that an edit to one stage never reruns another (what stages share lives in pipeline/core, pipeline/decoder
+# and pipeline/trainer). pipeline/bench is a tool, not a stage: it may import the stages it measures.
+STAGE_PACKAGES = ("prepare", "extract", "train", "scst", "evaluate", "caption", "acquire")
+
+
+def package_imports(package: str) -> set[str]:
+    """The pipeline modules that the files of pipeline/<package>/ import."""
+    return {name for path in (PACKAGE / package).rglob("*.py") for name in imports_of(path)}
+
+
 def stage_closures() -> dict[str, set[str]]:
     """Stage -> the repo-relative paths (posix) of every module its command can import."""
     return {stage: {p.relative_to(REPO).as_posix() for p in closure(*entries)}

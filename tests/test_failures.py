@@ -153,13 +153,14 @@ def test_train_checks_its_outputs_before_the_first_epoch(cache, tmp_path):
 
 def test_a_save_that_fails_later_keeps_the_last_good_checkpoint(cache, tmp_path, monkeypatch):
     import pipeline.train.train as tr
+    import pipeline.trainer.outputs as outputs
 
     with tmpfs(tmp_path / "small", "4m") as small:
         out, metrics = small / "ckpt", tmp_path / "m"
         assert cli("train", "--cache-dir", cache, "--out", out, "--metrics-dir", metrics, *TRAIN).exit_code == 0
         good = (out / "last.pt").read_bytes()
         monkeypatch.setattr(tr, "check_room", lambda model, out: None)  # the disk fills up after the checks
-        monkeypatch.setattr(tr, "ensure_writable", lambda folder, what: None)
+        monkeypatch.setattr(outputs, "ensure_writable", lambda folder, what: None)
         fill(small, 4096)
         args = ["--epochs", "2", *TRAIN[2:]]
         line = one_error_line(cli("train", "--cache-dir", cache, "--out", out, "--metrics-dir", metrics, *args,

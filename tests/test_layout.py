@@ -10,7 +10,7 @@ from dataclasses import MISSING, fields
 import click
 import pytest
 import yaml
-from layout import REPO, closure, stage_closures
+from layout import REPO, STAGE_PACKAGES, closure, package_imports, stage_closures
 
 from pipeline.cli import COMMANDS, main
 from pipeline.evaluate.config import EvaluateConfig
@@ -60,13 +60,21 @@ def test_caption_uses_the_shared_encoder_not_the_extract_stage():
 def test_stage_commands_load_no_other_stage():
     """Loading `pipeline train` imports no module of extract (and so on): what the closure test reads from
     the code is also what happens at run time."""
-    uses = {"scst": {"train"}}  # scst reuses train's validation
     for stage in CONFIGS:
-        others = [s for s in CONFIGS if s != stage and s not in uses.get(stage, ())]
+        others = [s for s in CONFIGS if s != stage]
         code = (f"import sys; from pipeline.cli import main; main.get_command(None, {stage!r}); "
                 f"print(sorted(m for m in sys.modules if m.split('.')[1:2] and m.split('.')[1] in {others!r}))")
         out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == "[]", (stage, out.stdout, out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("stage", STAGE_PACKAGES)
+def test_no_stage_package_imports_another(stage):
+    """Read from every import of the package's files, function-level ones included: what two stages
+    share lives in pipeline/core, pipeline/decoder or pipeline/trainer, never in one of them."""
+    used = {name.split(".")[1] for name in package_imports(stage) if len(name.split(".")) > 1}
+    others = sorted((used & set(STAGE_PACKAGES)) - {stage})
+    assert not others, f"pipeline/{stage} imports the stage package(s) {others}"
 
 
 def test_params_yaml_names_every_setting_of_every_stage():

@@ -457,6 +457,36 @@ def test_process_group_timeout_is_explicit_and_at_least_30_minutes(monkeypatch):
     assert TrainConfig().dist_timeout == 30 and ExtractConfig().dist_timeout == 30
 
 
+def test_train_under_torchrun_starts_the_process_group_with_its_own_timeout(monkeypatch, tmp_path):
+    """A Python call `train(cfg=TrainConfig(dist_timeout=90))` under torchrun: the group is started with 90
+    minutes (found: train joined the group with the 30-minute default before setup passed cfg's)."""
+    from datetime import timedelta
+
+    import torch.distributed as tdist
+
+    from pipeline.core import distributed
+
+    class Started(Exception):
+        pass
+
+    seen = []
+
+    def init_process_group(**kw):
+        seen.append(kw)
+        raise Started  # the group's arguments are all this test needs: stop before any collective
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("PIPELINE_DIST_TIMEOUT", raising=False)
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tdist, "init_process_group", init_process_group)
+    monkeypatch.setattr(distributed.atexit, "register", lambda fn: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(Started):
+        train(tmp_path / "cache", tmp_path / "ckpt", tmp_path / "m", TrainConfig(dist_timeout=90), progress=False,
+              log=lambda m: None)
+    assert [kw["timeout"] for kw in seen] == [timedelta(minutes=90)]
+
+
 def test_checkpoint_with_an_older_encoder_record_still_evaluates(cache, tmp_path):
     """Checkpoints written before the encoder record had `draft` and `interpolation` (found by evaluating
     an older demo checkpoint): the record gets today's defaults, as the cache's own attributes do."""

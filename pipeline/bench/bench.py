@@ -26,7 +26,7 @@ from pipeline.caption.caption import expand_inputs
 from pipeline.core import distributed
 from pipeline.core.manifest import ImageRecord, Manifest
 from pipeline.core.runtime import autocast, choose_device, cpu_count, default_workers, heap_allocations, tune
-from pipeline.decoder.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
+from pipeline.decoder.model import CaptionDecoder, ModelConfig
 from pipeline.encoder.encoder import build_encoder, encode_images, load_encoder, make_spec, set_layout
 from pipeline.encoder.images import Preprocess, image_batches
 from pipeline.evaluate.config import EvaluateConfig
@@ -165,98 +165,29 @@ def bench_train(cache_dir: str = "cache", cfg: TrainConfig | None = None, notebo
                 max_batches: int = 0, log=print) -> dict:
     """Bare decoder steps vs a `train` epoch from the cache vs the ResNet-every-step notebook way."""
     from pipeline.decoder.data import load_cache
-    from pipeline.train.train import Trainer, epoch_batches, run_epoch
+    from pipeline.train.train import epoch_batches
 
     cfg = cfg or TrainConfig()
     data = load_cache(cache_dir)
-    batch_size, embed_size, hidden_size = cfg.batch_size, cfg.embed_size, cfg.hidden_size
     dev = choose_device(cfg.device)
-    model_cfg = ModelConfig.of(cfg, data.encoder.feature_dim, len(data.vocab))
-    rows = data.training_rows(cache_dir)
-    batches = epoch_batches(data, rows, cfg, 0, distributed.Context())
+    batches = epoch_batches(data, data.training_rows(cache_dir), cfg, 0, distributed.Context())
     if max_batches:
         batches = batches[:max_batches]
     n_caps = sum(len(b) for b in batches)
-    v = data.vocab
-    log(f"bench train: {n_caps} captions in {len(batches)} batches of {batch_size}, vocab {len(v)}, "
-        f"embed {embed_size}, hidden {hidden_size}, device {dev}, {torch.get_num_threads()} threads")
-
-    def fresh() -> Trainer:
-        torch.manual_seed(0)
-        return Trainer(CaptionDecoder(model_cfg), cfg, dev)
-
-    # 1. the compute limit: the same batches, prepared in advance as device tensors
-    trainer = fresh()
-    prepared = []
-    for b in batches:
-        inputs, targets, lengths, order = teacher_forcing(data.labels[b], data.lengths[b], v.start_id, v.end_id)
-        feats = data.features[data.caption_image[b]][order].float().to(dev)
-        prepared.append((feats, inputs.to(dev), lengths, packed_targets(targets, lengths).to(dev)))
-    trainer.model.train()
-
-    def bare_step(feats, inputs, lengths, tgt):
-        with torch.autocast(dev.type, dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None):
-            logits = trainer.model(feats, inputs, lengths)
-        loss = torch.nn.functional.cross_entropy(logits.float(), tgt)
-        trainer.scaler.scale(loss).backward()
-        trainer.scaler.unscale_(trainer.opt)
-        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.clip)
-        trainer.scaler.step(trainer.opt)
-        trainer.scaler.update()
-        trainer.opt.zero_grad(set_to_none=True)
-
-    # every CPU thread count (1, the default, all cores) and allocator that could be the fastest: the best is the limit
-    threads0 = torch.get_num_threads()
-    bare_variants = {}
-    try:
-        for threads, allocator in _cpu_ways(dev):
-            torch.set_num_threads(threads)
-            heap_allocations(ALLOCATORS[allocator])
-            for p in prepared[:3]:
-                bare_step(*p)  # warm-up
-            _sync(dev)
-            t0 = time.perf_counter()
-            for p in prepared:
-                bare_step(*p)
-            _sync(dev)
-            name = _way_name(dev, threads, allocator)
-            bare_variants[name] = n_caps / (time.perf_counter() - t0)
-            log(f"  bare decoder step, {name + ':':<26}{bare_variants[name]:10.0f} captions/s")
-    finally:
-        torch.set_num_threads(threads0)
-        tune(dev, fixed_shapes=False)  # as `train` runs
+    log(f"bench train: {n_caps} captions in {len(batches)} batches of {cfg.batch_size}, vocab {len(data.vocab)}, "
+        f"embed {cfg.embed_size}, hidden {cfg.hidden_size}, device {dev}, {torch.get_num_threads()} threads")
+    bare_variants = _bare_train_variants(data, batches, cfg, dev, log)
     best = max(bare_variants, key=bare_variants.get)
     bare = bare_variants[best]
-    del prepared
-
-    # 2. the real training epoch from the cache (same code as `pipeline train`, validation excluded)
-    trainer = fresh()
-    run_epoch(trainer, data, batches[:3])  # warm-up
-    _sync(dev)
-    t0 = time.perf_counter()
-    run_epoch(trainer, data, batches)
-    _sync(dev)
-    full_s = time.perf_counter() - t0
+    full_s = _time_train_epoch(data, batches[:3], batches, cfg, dev)
     full = n_caps / full_s
-
-    # 3. the seed notebooks' way: decode the images and run the frozen ResNet at every step
-    encoder = load_encoder(data.encoder, dev)
-    paths = [data.manifest.path_of(i) for i in range(len(data.manifest.images))]
     nb = batches[:notebook_batches]
-    trainer = fresh()
-    workers = default_workers(dev)
-    t0 = time.perf_counter()
-    for b in nb:
-        img_rows = data.caption_image[b].tolist()
-        images = image_batches(paths, Preprocess.of(data.encoder), [img_rows], dev, workers)
-        feats = torch.cat([torch.from_numpy(f) for _, f, _ in encode_images(encoder, images, dev)])
-        trainer.step(feats, data.labels[b], data.lengths[b], v.start_id, v.end_id)
-    _sync(dev)
     nb_caps = sum(len(b) for b in nb)
-    notebook = nb_caps / (time.perf_counter() - t0)
+    notebook = nb_caps / _time_notebook_way(data, nb, cfg, dev)
     res = {"captions": n_caps, "batches": len(batches), "device": str(dev), "arch": data.encoder.arch,
-           "bare_captions_per_s": bare, "limit_variant": best, "bare_variants": bare_variants, "train_captions_per_s": full, "ratio": full / bare,
-           "epoch_seconds": full_s, "notebook_captions_per_s": notebook, "speedup_vs_notebook": full / notebook,
+           "bare_captions_per_s": bare, "limit_variant": best, "bare_variants": bare_variants,
+           "train_captions_per_s": full, "ratio": full / bare, "epoch_seconds": full_s,
+           "notebook_captions_per_s": notebook, "speedup_vs_notebook": full / notebook,
            "notebook_epoch_seconds_estimate": n_caps / notebook}
     log(f"  limit = best bare step ({best}): {bare:10.0f} captions/s")
     log(f"  train epoch from the cache:       {full:10.0f} captions/s  ({full_s:.1f} s per epoch)")
@@ -267,6 +198,86 @@ def bench_train(cache_dir: str = "cache", cfg: TrainConfig | None = None, notebo
     if dev.type == "cuda":
         log(f"  peak GPU memory: {torch.cuda.max_memory_allocated(dev) / 2**20:.0f} MB")
     return res
+
+
+def _fresh_trainer(data, cfg: TrainConfig, dev: torch.device):
+    """A Trainer of a decoder seeded the same way every time, as `train` builds it."""
+    from pipeline.train.train import Trainer
+
+    torch.manual_seed(0)
+    return Trainer(CaptionDecoder(ModelConfig.of(cfg, data.encoder.feature_dim, len(data.vocab))), cfg, dev)
+
+
+def _bare_train_variants(data, batches: list[torch.Tensor], cfg: TrainConfig, dev: torch.device, log) -> dict:
+    """Captions/s of the bare step (forward, loss, backward, clip, Adam: none of train's bookkeeping) on the
+    epoch's batches built in advance as device tensors, in every CPU thread count (1, the default, all
+    cores) and allocator that could be the fastest: the best is the limit."""
+    from pipeline.trainer.batch import Batch, caption_loss
+
+    trainer = _fresh_trainer(data, cfg, dev)
+    prepared = [Batch.of(data, b, dev) for b in batches]
+    trainer.model.train()
+
+    def bare_step(batch):
+        trainer.scaler.scale(caption_loss(trainer.model, batch, trainer.amp_dtype)).backward()
+        trainer.scaler.unscale_(trainer.opt)
+        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.clip)
+        trainer.scaler.step(trainer.opt)
+        trainer.scaler.update()
+        trainer.opt.zero_grad(set_to_none=True)
+
+    threads0, n_caps, variants = torch.get_num_threads(), sum(len(b) for b in batches), {}
+    try:
+        for threads, allocator in _cpu_ways(dev):
+            torch.set_num_threads(threads)
+            heap_allocations(ALLOCATORS[allocator])
+            for p in prepared[:3]:
+                bare_step(p)  # warm-up
+            _sync(dev)
+            t0 = time.perf_counter()
+            for p in prepared:
+                bare_step(p)
+            _sync(dev)
+            name = _way_name(dev, threads, allocator)
+            variants[name] = n_caps / (time.perf_counter() - t0)
+            log(f"  bare decoder step, {name + ':':<26}{variants[name]:10.0f} captions/s")
+    finally:
+        torch.set_num_threads(threads0)
+        tune(dev, fixed_shapes=False)  # as `train` runs
+    return variants
+
+
+def _time_train_epoch(data, warm_up: list[torch.Tensor], timed: list[torch.Tensor], cfg: TrainConfig,
+                      dev: torch.device) -> float:
+    """Seconds of the real training epoch from the cache (train's run_epoch and step, validation excluded)
+    over the `timed` batches, after a warm-up over `warm_up`."""
+    from pipeline.train.train import run_epoch
+
+    trainer = _fresh_trainer(data, cfg, dev)
+    run_epoch(trainer, data, warm_up)
+    _sync(dev)
+    t0 = time.perf_counter()
+    run_epoch(trainer, data, timed)
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
+def _time_notebook_way(data, batches: list[torch.Tensor], cfg: TrainConfig, dev: torch.device) -> float:
+    """Seconds of the seed notebooks' way over `batches`: decode the images and run the frozen ResNet at
+    every step, then train's real step on those features."""
+    from pipeline.trainer.batch import Batch
+
+    encoder = load_encoder(data.encoder, dev)
+    paths = [data.manifest.path_of(i) for i in range(len(data.manifest.images))]
+    trainer = _fresh_trainer(data, cfg, dev)
+    workers = default_workers(dev)
+    t0 = time.perf_counter()
+    for b in batches:
+        images = image_batches(paths, Preprocess.of(data.encoder), [data.caption_image[b].tolist()], dev, workers)
+        feats = torch.cat([torch.from_numpy(f) for _, f, _ in encode_images(encoder, images, dev)])  # (B, D)
+        trainer.step(Batch.of(data, b, dev, features=feats))
+    _sync(dev)
+    return time.perf_counter() - t0
 
 
 SCORE_KEYS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -306,65 +317,82 @@ def bench_scst(cache_dir: str = "cache", cfg=None, tcfg: TrainConfig | None = No
     cross-entropy step of train, on the same cache and decoder, in captions per second; and the share
     of the SCST step spent computing the reward (target: at most a quarter)."""
     from pipeline.decoder.data import load_cache
-    from pipeline.scst.cider import CiderD, load_or_build_df
     from pipeline.scst.config import ScstConfig
-    from pipeline.scst.scst import Run, scst_step
-    from pipeline.train.train import Trainer, epoch_batches, run_epoch
 
     cfg, tcfg = cfg or ScstConfig(), tcfg or TrainConfig()
     data = load_cache(cache_dir)
     dev = choose_device(cfg.device)
-    train_images = torch.from_numpy(np.unique(data.caption_image[data.training_rows(cache_dir)].numpy())).long()
-    model_cfg = ModelConfig.of(tcfg, data.encoder.feature_dim, len(data.vocab))
-    torch.manual_seed(0)
-    model = CaptionDecoder(model_cfg).to(dev)
-    model.fit_feature_stats(data.features[data.image_rows("train")])
     t0 = time.perf_counter()
-    scorer = CiderD.from_data(load_or_build_df(cache_dir, data), data, "train")
+    run, timer = _scst_run(data, cache_dir, cfg, tcfg, dev)
     setup_s = time.perf_counter() - t0
-
-    class Timed:
-        """The scorer, timed: the reward's share of each step."""
-        seconds = 0.0
-
-        def score(self, *args):
-            t = time.perf_counter()
-            try:
-                return scorer.score(*args)
-            finally:
-                Timed.seconds += time.perf_counter() - t
-
-    run = Run(cfg, data, model, model_cfg, torch.optim.Adam(model.parameters(), lr=cfg.lr), Timed(), dev,
-              distributed.Context(), train_images, train_images[:0], {}, "bench", {}, Path("."), Path("."),
-              lambda m: None)
     g = torch.Generator().manual_seed(0)
-    order = train_images[torch.randperm(len(train_images), generator=g)]
+    order = run.train_images[torch.randperm(len(run.train_images), generator=g)]
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)][: steps + 1]
     log(f"bench scst: {len(batches) - 1} steps of {cfg.batch_size} images x {cfg.samples} samples, vocab "
         f"{len(data.vocab)}, hidden {tcfg.hidden_size}, device {dev}; CIDEr-D tables built in {setup_s:.1f} s")
-    u = lambda b: torch.rand(len(b) * cfg.samples, cfg.max_length, generator=g)  # noqa: E731
-    scst_step(run, batches[0], u(batches[0]))  # warm-up
     timed = batches[1:] or batches  # a tiny cache with one batch: time it again rather than nothing
-    Timed.seconds, n, t0 = 0.0, 0, time.perf_counter()
-    for b in timed:
-        n += int(scst_step(run, b, u(b))["n"])
-    _sync(dev)
-    scst_s = time.perf_counter() - t0
-    scst_rate, share = n / scst_s, Timed.seconds / scst_s
-
-    trainer = Trainer(CaptionDecoder(model_cfg), tcfg, dev)
-    xe_batches = epoch_batches(data, data.caption_rows("train"), tcfg, 0, distributed.Context())[: steps + 1]
-    run_epoch(trainer, data, xe_batches[:1])  # warm-up
+    scst_s, n = _time_scst_steps(run, batches[0], timed, g)
+    scst_rate, share = n / scst_s, timer.seconds / scst_s
+    xe_batches = _xe_batches(data, tcfg, steps)
     xe_timed = xe_batches[1:] or xe_batches
-    t0 = time.perf_counter()
-    run_epoch(trainer, data, xe_timed)
-    _sync(dev)
-    xe_rate = sum(len(b) for b in xe_timed) / (time.perf_counter() - t0)
+    xe_rate = sum(len(b) for b in xe_timed) / _time_train_epoch(data, xe_batches[:1], xe_timed, tcfg, dev)
     res = {"device": str(dev), "steps": len(timed), "images_per_step": cfg.batch_size, "samples": cfg.samples,
            "scst_captions_per_s": scst_rate, "xe_captions_per_s": xe_rate, "scst_vs_xe": scst_rate / xe_rate,
-           "reward_share": share, "reward_ms_per_step": 1000 * Timed.seconds / len(timed),
+           "reward_share": share, "reward_ms_per_step": 1000 * timer.seconds / len(timed),
            "cider_setup_s": setup_s}
     log(f"  SCST step (sample, reward, update): {scst_rate:10.0f} sampled captions/s")
     log(f"  cross-entropy step of train:        {xe_rate:10.0f} captions/s  (SCST / XE {res['scst_vs_xe']:.2f})")
     log(f"  reward (CIDEr-D) share of the step: {share:10.3f}  ({res['reward_ms_per_step']:.1f} ms a step)")
     return res
+
+
+class _TimedScorer:
+    """A CIDEr-D scorer, timed: the reward's share of each step."""
+
+    def __init__(self, scorer):
+        self.scorer, self.seconds = scorer, 0.0
+
+    def score(self, *args):
+        t = time.perf_counter()
+        try:
+            return self.scorer.score(*args)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+def _scst_run(data, cache_dir: str, cfg, tcfg: TrainConfig, dev: torch.device):
+    """An scst run of a fresh decoder (tcfg's shape) on the cache's training images, no validation and no
+    outputs, with its scorer timed: (run, the timed scorer)."""
+    from pipeline.scst.cider import CiderD, load_or_build_df
+    from pipeline.scst.scst import ScstRun
+
+    torch.manual_seed(0)
+    model_cfg = ModelConfig.of(tcfg, data.encoder.feature_dim, len(data.vocab))
+    model = CaptionDecoder(model_cfg).to(dev)
+    model.fit_feature_stats(data.features[data.image_rows("train")])
+    timer = _TimedScorer(CiderD.from_data(load_or_build_df(cache_dir, data), data, "train"))
+    train_images = torch.from_numpy(np.unique(data.caption_image[data.training_rows(cache_dir)].numpy())).long()
+    run = ScstRun(cfg=cfg, data=data, model=model, opt=torch.optim.Adam(model.parameters(), lr=cfg.lr),
+                  model_cfg=model_cfg, device=dev, scorer=timer, train_images=train_images, init="bench")
+    return run, timer
+
+
+def _time_scst_steps(run, warm_up: torch.Tensor, timed: list[torch.Tensor], g: torch.Generator) -> tuple[float, int]:
+    """Seconds of scst's real step over the `timed` image batches, after one on `warm_up`; and the
+    sampled captions they trained on."""
+    from pipeline.scst.scst import scst_step
+
+    cfg = run.cfg
+    u = lambda b: torch.rand(len(b) * cfg.samples, cfg.max_length, generator=g)  # noqa: E731
+    scst_step(run, warm_up, u(warm_up))
+    run.scorer.seconds, n, t0 = 0.0, 0, time.perf_counter()
+    for b in timed:
+        n += int(scst_step(run, b, u(b))["n"])
+    _sync(run.device)
+    return time.perf_counter() - t0, n
+
+
+def _xe_batches(data, tcfg: TrainConfig, steps: int) -> list[torch.Tensor]:
+    from pipeline.train.train import epoch_batches
+
+    return epoch_batches(data, data.caption_rows("train"), tcfg, 0, distributed.Context())[: steps + 1]

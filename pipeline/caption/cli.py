@@ -8,8 +8,7 @@ import sys
 import click
 
 from pipeline.core.settings import click_options
-from pipeline.decoder.decode import DecodeConfig
-from pipeline.evaluate.config import EvaluateConfig
+from pipeline.decoder.decode import DecodeConfig, EvaluateConfig
 
 
 @click.command()

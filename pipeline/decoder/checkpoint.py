@@ -1,5 +1,9 @@
 """Decoder checkpoints: plain dicts of tensors and JSON-like values, never pickled modules.
 
+The writer (`write_checkpoint`, used by train and scst) and the reader (`load_checkpoint`, used by
+evaluate, caption and resume) live here together, so the format has one home and reading a checkpoint
+needs no training code.
+
 Loading uses `torch.load(weights_only=True)`, so a file carrying any other Python object is refused
 instead of executed. A checkpoint holds everything `caption` needs to rebuild the exact pipeline:
 the decoder weights and settings, the vocabulary, and the encoder settings copied from the cache.
@@ -9,7 +13,9 @@ from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +25,9 @@ from pipeline.core.fileio import atomic_path
 from pipeline.core.vocab import Vocabulary
 from pipeline.decoder.model import CaptionDecoder, ModelConfig
 
+if TYPE_CHECKING:  # the reader must not load the cache code (h5py) for caption
+    from pipeline.decoder.data import CaptionData
+
 FORMAT = "pipeline.decoder/1"
 REQUIRED = ("format", "model", "model_config", "vocab", "encoder", "epoch", "step")
 
@@ -26,6 +35,36 @@ REQUIRED = ("format", "model", "model_config", "vocab", "encoder", "epoch", "ste
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, **payload}, tmp)
+
+
+def write_checkpoint(path: Path, model: CaptionDecoder, opt: torch.optim.Optimizer, model_cfg: ModelConfig,
+                     data: CaptionData, state, rng: dict, record: dict, **extra) -> None:
+    """The checkpoint train and scst write (evaluate and caption read either): weights, optimizer, settings,
+    vocabulary, encoder record, the cache's fingerprints, the training images (`record`), the run's state
+    (a dataclass with epoch and step) and RNG; `extra` names the stage's own settings. Refuses weights
+    holding inf/NaN: training diverged, and the last good checkpoint stays."""
+    from pipeline.decoder.overlap import RECORD_KEY
+
+    refuse_non_finite(model, path)
+    save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                           "model_config": model_cfg.as_dict(), **extra,
+                           "vocab": list(data.vocab.tokens), "encoder": data.encoder.as_dict(),
+                           "cache": {k: v for k, v in data.fingerprints.items() if k != "features_settings"},
+                           "epoch": state.epoch, "step": state.step, "train_state": asdict(state), "rng": rng,
+                           RECORD_KEY: record})
+
+
+def refuse_non_finite(model: torch.nn.Module, path: Path) -> None:
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise PipelineError(f"refusing to write {path}: the decoder holds non-finite values ({', '.join(bad[:3])}); "
+                            f"training diverged, check the features or lower --lr")
+
+
+def same_cache(ckpt: dict, data: CaptionData) -> bool:
+    """Whether `ckpt` was trained on this cache's vocabulary and features (their fingerprints)."""
+    cache = ckpt.get("cache", {})
+    return cache.get("vocab") == data.fingerprints["vocab"] and cache.get("features") == data.fingerprints["features"]
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -34,6 +34,7 @@ from typing import ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from pipeline.core.manifest import SPLITS
 from pipeline.core.runtime import DEVICE_HELP
 from pipeline.core.settings import Settings, setting
 
@@ -48,6 +49,22 @@ class DecodeConfig(Settings):
     max_length: int = setting(20, "Most words per caption.", min=1)
     length_penalty: float = setting(0.0, "GNMT length penalty alpha (0: rank by total log-probability).")
     device: str = setting("auto", DEVICE_HELP)
+
+
+TOKENIZERS = ("auto", "ptb", "simple")  # pipeline.decoder.metrics.tokenize_captions implements them
+
+
+@dataclass
+class EvaluateConfig(DecodeConfig):
+    """evaluate's settings (params.yaml section `evaluate`). Here beside DecodeConfig, not in the evaluate
+    stage, because caption reads the same section (its decoding half) and no stage imports another."""
+
+    SECTION: ClassVar[str] = "evaluate"
+
+    split: str = setting("test", "Which split of the cache to score.", choices=SPLITS)
+    tokenizer: str = setting("auto", "auto: pycocoevalcap's PTB tokenizer when Java is present, else a "
+                             "pure-Python one.", choices=TOKENIZERS)
+    max_images: int = setting(0, "Score only the first N images of the split (0: all).", min=0)
 
 
 class StepModel(Protocol):

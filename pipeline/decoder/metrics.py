@@ -30,6 +30,7 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.vocab import tokenize
+from pipeline.decoder.decode import TOKENIZERS
 
 __all__ = [
     "ALL_METRICS",
@@ -41,7 +42,6 @@ __all__ = [
 ]
 
 ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
-TOKENIZERS = ("auto", "ptb", "simple")
 
 SPICE_NOTE = (
     "SPICE left out: pycocoevalcap's SPICE downloads Stanford CoreNLP models on first use, "

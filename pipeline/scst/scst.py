@@ -38,7 +38,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,27 +47,16 @@ from tqdm import tqdm
 
 from pipeline.core import distributed
 from pipeline.core.errors import PipelineError
-from pipeline.core.fileio import write_json
-from pipeline.core.runtime import choose_device, tune
-from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder, save_checkpoint
-from pipeline.decoder.data import CaptionData, load_cache
-from pipeline.decoder.model import CaptionDecoder, ModelConfig
+from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder, same_cache
+from pipeline.decoder.data import load_cache
+from pipeline.decoder.model import ModelConfig
 from pipeline.decoder.overlap import RECORD_KEY, training_images_record
 from pipeline.scst.cider import CiderD, load_or_build_df
 from pipeline.scst.config import ScstConfig
 from pipeline.scst.sample import greedy_baseline, greedy_captions, leave_one_out_baseline, sample_captions, scst_loss
-from pipeline.train.train import (
-    check_room,
-    claim_outputs,
-    decoder_checkpoint,
-    known_fields,
-    rank_seed,
-    read_steps,
-    refuse_non_finite,
-    same_cache,
-    validate,
-    write_steps,
-)
+from pipeline.trainer.outputs import check_room, claim_outputs
+from pipeline.trainer.plots import plot_scst
+from pipeline.trainer.run import Run, RunState, place, rank_seed, resume, val_rows
 
 SCORE_KEYS = ("val_loss", "CIDEr", "BLEU-4")
 LOG_NAMES = ("scst_steps.csv", "scst_epochs.json", "scst.json", "scst.png")
@@ -75,21 +64,11 @@ STEP_KEYS = ("reward", "baseline", "length", "loss")
 
 
 @dataclass
-class ScstState:
-    """Where a run stands; saved in every checkpoint (as a plain dict) so --resume continues exactly."""
+class ScstState(RunState):
+    """RunState plus the sampled captions trained on; best_epoch 0 is the cross-entropy checkpoint itself,
+    and history's first row (epoch 0) the starting point."""
 
-    epoch: int = 0
-    step: int = 0
-    best_epoch: int = 0  # 0: the cross-entropy checkpoint itself
-    best: dict = field(default_factory=dict)
-    best_score: float = -math.inf
-    history: list = field(default_factory=list)  # one row per epoch, epoch 0 = the starting point
-    seconds: float = 0.0
     samples: int = 0  # sampled captions trained on
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ScstState:
-        return known_fields(cls, d)
 
 
 @dataclass
@@ -108,31 +87,27 @@ class ScstSummary:
                 f"captions/s); {cider} (best epoch {self.best_epoch}) -> {self.out}")
 
 
-@dataclass
-class Run:
-    """What one `scst` call works with, built once by `setup`."""
+@dataclass(kw_only=True)
+class ScstRun(Run):
+    """What one `scst` call works with, built once by `setup` (or directly, as bench scst does)."""
 
-    cfg: ScstConfig
-    data: CaptionData
-    model: CaptionDecoder
-    model_cfg: ModelConfig
-    opt: torch.optim.Optimizer
-    scorer: CiderD
-    device: torch.device
-    dist: distributed.Context
+    NAME = "scst"
+    STEP_FORMATS = dict.fromkeys(STEP_KEYS, ".6f")
+
+    scorer: CiderD  # anything with CiderD.score
     train_images: torch.Tensor  # (N_train,) image rows with a valid feature and reference captions
-    val_images: torch.Tensor  # (N_val,) image rows decoded at validation
-    references: dict  # row -> tokenized references of val_images
-    init: str  # the cross-entropy checkpoint SCST started from
-    train_record: dict  # which images the decoder was trained on (the init's record, else this cache's)
-    out: Path
-    metrics_dir: Path
-    log: Callable[[str], None]
-    steps_log: list = field(default_factory=list)
+    init: str = ""  # the cross-entropy checkpoint SCST started from
 
-    @property
-    def last(self) -> Path:
-        return self.out / "last.pt"
+    def checkpoint_entry(self) -> dict:
+        return {"scst": {"init": self.init, **asdict(self.cfg)}}
+
+    def summary(self, state: ScstState) -> dict:
+        last = state.history[-1] if state.history else {}
+        return {"reward": last.get("reward"), "scst_seconds": round(state.seconds, 3)}
+
+    def plot(self, state: ScstState) -> None:
+        plot_scst(self.steps_log, state.history, self.metrics_dir / "scst.png",
+                  title=f"SCST from {self.init}: best epoch {state.best_epoch} of {state.epoch}")
 
 
 def scst(cache_dir: str | os.PathLike = "cache", init: str | os.PathLike = "checkpoints/best.pt",
@@ -159,36 +134,27 @@ def scst(cache_dir: str | os.PathLike = "cache", init: str | os.PathLike = "chec
         distributed.context().decide(lambda: claim_outputs(locks, Path(out), Path(metrics_dir), LOG_NAMES))
         run = setup(Path(cache_dir), Path(init), Path(out), Path(metrics_dir), cfg, log)
         run.dist.decide(lambda: check_room(run.model, run.out))
-        return _run(run, cfg, resume, progress)
+        state = resume_or_start(run, resume)
+        for epoch in range(state.epoch, cfg.epochs):
+            train_epoch(run, state, epoch, progress)
+            end_of_epoch(run, state, epoch)
+        run.finish(state)
+        start = state.history[0] if state.history else {}
+        return ScstSummary(epochs_run=state.epoch, best_epoch=state.best_epoch,
+                           start={k: start[k] for k in SCORE_KEYS if k in start}, best=dict(state.best),
+                           seconds=state.seconds, out=str(run.out),
+                           samples_per_second=state.samples / state.seconds if state.seconds else 0.0)
 
 
-def _run(run: Run, cfg: ScstConfig, resume: bool, progress: bool) -> ScstSummary:
-    """`scst` once its outputs are claimed and its run set up."""
-    state = resume_or_start(run, resume)
-    for epoch in range(state.epoch, cfg.epochs):
-        train_epoch(run, state, epoch, progress)
-        end_of_epoch(run, state, epoch)
-    if run.dist.is_main:
-        write_logs(run, state, final=True)
-    start = state.history[0] if state.history else {}
-    return ScstSummary(epochs_run=state.epoch, best_epoch=state.best_epoch,
-                       start={k: start[k] for k in SCORE_KEYS if k in start}, best=dict(state.best),
-                       seconds=state.seconds, samples_per_second=state.samples / state.seconds if state.seconds else 0.0,
-                       out=str(run.out))
-
-
-def setup(cache_dir: Path, init: Path, out: Path, metrics_dir: Path, cfg: ScstConfig, log) -> Run:
+def setup(cache_dir: Path, init: Path, out: Path, metrics_dir: Path, cfg: ScstConfig, log) -> ScstRun:
     """Device, cache, the starting decoder and its optimizer, and the CIDEr-D scorer of the train split."""
-    dist = distributed.context()
-    device = choose_device(cfg.device, dist.local_rank if dist.enabled else None)
-    tune(device, fixed_shapes=False)  # sampled captions vary in length
+    dist, device = place(cfg.device)  # sampled captions vary in length
     data = load_cache(cache_dir)
     ckpt = load_checkpoint(init)
     if not same_cache(ckpt, data):
         raise PipelineError(f"{init} was trained on another cache (vocabulary or features differ): point --init at "
                             f"a checkpoint trained on {cache_dir}, or --cache-dir at the cache it was trained on")
     model, _, _ = restore_decoder(ckpt, device)
-    model_cfg = ModelConfig(**ckpt["model_config"])
     with_refs = np.unique(data.caption_image[data.training_rows(cache_dir)].numpy())  # valid train images with captions
 
     def build_df():  # rank 0 builds cider_df.npz once; under torchrun the others then read the file
@@ -196,48 +162,40 @@ def setup(cache_dir: Path, init: Path, out: Path, metrics_dir: Path, cfg: ScstCo
         return None if dist.enabled else df
 
     scorer = CiderD.from_data(dist.decide(build_df) or load_or_build_df(cache_dir, data), data, "train")
-    val_images = data.image_rows("val")
-    if cfg.val_images:
-        val_images = val_images[: cfg.val_images]
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    return Run(cfg, data, model, model_cfg, opt, scorer, device, dist, torch.from_numpy(with_refs).long(), val_images,
-               data.references(val_images), str(init), ckpt.get(RECORD_KEY) or training_images_record(data), out,
-               metrics_dir, log if dist.is_main else (lambda m: None))
+    val_images = val_rows(data, cfg.val_images)
+    return ScstRun(cfg=cfg, data=data, model=model, opt=torch.optim.Adam(model.parameters(), lr=cfg.lr),
+                   model_cfg=ModelConfig(**ckpt["model_config"]), device=device, dist=dist, val_images=val_images,
+                   references=data.references(val_images),
+                   record=ckpt.get(RECORD_KEY) or training_images_record(data),  # the images cross-entropy trained on
+                   out=out, metrics_dir=metrics_dir, log=log if dist.is_main else (lambda m: None), scorer=scorer,
+                   train_images=torch.from_numpy(with_refs).long(), init=str(init))
 
 
-def resume_or_start(run: Run, resume: bool) -> ScstState:
-    """With `resume` and a last.pt: its weights, optimizer and state. Else score the starting model
+def resume_or_start(run: ScstRun, wanted: bool) -> ScstState:
+    """With `wanted` and a last.pt: its weights, optimizer and state. Else score the starting model
     (epoch 0 of the history) and keep it as best.pt."""
-    def resumable() -> bool:
-        if not (resume and run.last.exists()):
-            return False
-        ckpt = load_checkpoint(run.last)
+    def check(ckpt: dict) -> None:
         if ckpt.get("scst", {}).get("init") != run.init or ckpt["model_config"] != run.model_cfg.as_dict():
             raise PipelineError(f"{run.last} continues SCST from another checkpoint or model than --init "
                                 f"{run.init}: drop --resume, or pass the --init it started from")
-        return True
 
-    if run.dist.decide(resumable):
-        ckpt = load_checkpoint(run.last)
-        run.model.load_state_dict(ckpt["model"])
-        run.opt.load_state_dict(ckpt["optimizer"])
-        state = ScstState.from_dict(ckpt["train_state"])
-        run.steps_log = [r for r in read_steps(run.metrics_dir / "scst_steps.csv") if r["step"] <= state.step]
+    state = resume(run, wanted, check, ScstState)
+    if state is not None:
         run.log(f"resuming SCST from {run.last}: epoch {state.epoch}, step {state.step}")
         return state
-    if resume:
+    if wanted:
         run.log(f"--resume: no {run.last} yet, starting SCST from {run.init}")
     state = ScstState()
     if run.dist.is_main:
-        row = {"epoch": 0, "step": 0, **validate(run.model, run.data, run.cfg, run.device, run.val_images, run.references)}
+        row = {"epoch": 0, "step": 0, **run.validate()}
         state.history.append(row)
         state.best_score, state.best = row.get("CIDEr", -math.inf), {k: row[k] for k in SCORE_KEYS if k in row}
         run.log("start: " + " ".join(f"{k} {row[k]:.4f}" for k in SCORE_KEYS if k in row) + f" ({run.init})")
-        save(run, state, run.out / "best.pt")
+        run.save_epoch(state, improved=True, last=False)
     return state
 
 
-def scst_step(run: Run, images: torch.Tensor, uniforms: torch.Tensor) -> dict:
+def scst_step(run: ScstRun, images: torch.Tensor, uniforms: torch.Tensor) -> dict:
     """One SCST update on this rank's image rows (B,) of a global batch, sampling with this rank's rows
     of the batch's uniforms (B*k, max_length); returns the batch's global sums: reward, baseline,
     length, loss (times the rank's samples) and the sample count."""
@@ -274,7 +232,7 @@ def scst_step(run: Run, images: torch.Tensor, uniforms: torch.Tensor) -> dict:
     return dict(zip((*STEP_KEYS, "n"), dist.all_sum(sums).tolist()))
 
 
-def train_epoch(run: Run, state: ScstState, epoch: int, progress: bool) -> None:
+def train_epoch(run: ScstRun, state: ScstState, epoch: int, progress: bool) -> None:
     """One pass over the training images in (seed, epoch) order, batch_size images a step."""
     cfg, dist = run.cfg, run.dist
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
@@ -304,75 +262,14 @@ def train_epoch(run: Run, state: ScstState, epoch: int, progress: bool) -> None:
     state.epoch, state.seconds, state.samples = epoch + 1, state.seconds + seconds, state.samples + int(totals["n"])
 
 
-def end_of_epoch(run: Run, state: ScstState, epoch: int) -> None:
+def end_of_epoch(run: ScstRun, state: ScstState, epoch: int) -> None:
     """Rank 0 validates (greedy CIDEr), logs, keeps best.pt and writes last.pt and the logs."""
     if run.dist.is_main:
         row = state.history[-1]
-        row.update(validate(run.model, run.data, run.cfg, run.device, run.val_images, run.references))
-        improved = row.get("CIDEr", -math.inf) > state.best_score
-        if improved:
-            state.best_score, state.best_epoch = row["CIDEr"], epoch + 1
-            state.best = {k: row[k] for k in SCORE_KEYS if k in row}
-            save(run, state, run.out / "best.pt")
+        row.update(run.validate())
+        improved = state.keep_best(row, row.get("CIDEr", -math.inf), SCORE_KEYS, epoch)
         run.log(f"scst epoch {epoch + 1}: reward {row['reward']:.4f} baseline {row['baseline']:.4f} "
                 f"length {row['sample_length']:.2f} " + " ".join(f"{k} {row[k]:.4f}" for k in SCORE_KEYS if k in row)
                 + f" {row['samples_per_second']:.0f} samples/s" + (" (best)" if improved else ""))
-        save(run, state, run.last)
-        write_logs(run, state)
+        run.save_epoch(state, improved, last=True)
     run.dist.barrier()
-
-
-def save(run: Run, state: ScstState, path: Path) -> None:
-    """A checkpoint in train's format (evaluate and caption read it), plus where SCST started."""
-    refuse_non_finite(run.model, path)
-    # run.train_record: SCST trains on the same images as cross-entropy did
-    save_checkpoint(path, decoder_checkpoint(run.model, run.opt, run.model_cfg, run.data, state,
-                                             {"torch": torch.get_rng_state()}, run.train_record,
-                                             scst={"init": run.init, **asdict(run.cfg)}))
-
-
-def write_logs(run: Run, state: ScstState, final: bool = False) -> None:
-    """scst_steps.csv, scst_epochs.json, scst.json (and, once at the end, scst.png)."""
-    write_steps(run.metrics_dir / "scst_steps.csv", run.steps_log, dict.fromkeys(STEP_KEYS, ".6f"))
-    write_json(run.metrics_dir / "scst_epochs.json", state.history)
-    last = state.history[-1] if state.history else {}
-    write_json(run.metrics_dir / "scst.json", {"best_epoch": state.best_epoch, **state.best, "epochs": state.epoch,
-                                               "steps": state.step, "reward": last.get("reward"),
-                                               "scst_seconds": round(state.seconds, 3)})
-    if final:
-        plot_scst(run.steps_log, state.history, run.metrics_dir / "scst.png",
-                  title=f"SCST from {run.init}: best epoch {state.best_epoch} of {state.epoch}")
-
-
-def plot_scst(steps: list[dict], epochs: list[dict], out: Path, title: str = "") -> Path:
-    """Reward, baseline and sampled length per step (left); validation CIDEr per epoch (right)."""
-    from matplotlib.figure import Figure
-
-    from pipeline.core.fileio import atomic_path
-
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    left, right = fig.subplots(1, 2)
-    if steps:
-        x = [r["step"] for r in steps]
-        left.plot(x, [r["reward"] for r in steps], color="tab:green", label="mean reward (CIDEr-D)")
-        left.plot(x, [r["baseline"] for r in steps], color="tab:gray", linestyle="--", label="mean baseline (loo: equals the mean reward)")
-        length_ax = left.twinx()
-        length_ax.plot(x, [r["length"] for r in steps], color="tab:orange", alpha=0.5, label="sampled length")
-        length_ax.set_ylabel("tokens per sample")
-        length_ax.legend(loc="lower right")
-        left.legend(loc="upper left")
-    left.set(xlabel="step", ylabel="CIDEr-D of the samples", title="training samples")
-    left.grid(alpha=0.3)
-    pts = [(r["epoch"], r["CIDEr"]) for r in epochs if "CIDEr" in r]
-    if pts:
-        right.plot(*zip(*pts), "o-", color="tab:purple", label="validation CIDEr (greedy)")
-        right.axhline(pts[0][1], color="gray", linestyle=":", label=f"cross-entropy start {pts[0][1]:.3f}")
-        right.legend()
-        right.xaxis.get_major_locator().set_params(integer=True)
-    right.set(xlabel="epoch (0: cross-entropy checkpoint)", ylabel="CIDEr (0-10)", title="validation")
-    right.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return out

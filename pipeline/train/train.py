@@ -31,41 +31,32 @@ needs one); with --batchnorm on the CPU, batch statistics are per rank (SyncBatc
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.core import distributed
 from pipeline.core.errors import PipelineError
-from pipeline.core.fileio import write_json, write_text
-from pipeline.core.locks import hold_all
-from pipeline.core.runtime import amp_dtype, choose_device, tune
-from pipeline.core.storage import (
-    check_free_space,
-    ensure_writable,
-    human_bytes,
-    remove_stale_temps,
-    reporting_disk_errors,
-)
-from pipeline.decoder.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.core.runtime import amp_dtype
+from pipeline.decoder.checkpoint import same_cache
 from pipeline.decoder.data import CaptionData, length_grouped_batches, load_cache
-from pipeline.decoder.decode import decode
-from pipeline.decoder.model import CaptionDecoder, ModelConfig, packed_targets, teacher_forcing
-from pipeline.decoder.overlap import RECORD_KEY, training_images_record
+from pipeline.decoder.model import CaptionDecoder, ModelConfig
+from pipeline.decoder.overlap import training_images_record
 from pipeline.train.config import TrainConfig
-from pipeline.train.plots import plot_training
+from pipeline.trainer.batch import Batch, caption_loss
+from pipeline.trainer.outputs import check_room, claim_outputs
+from pipeline.trainer.plots import plot_training
+from pipeline.trainer.run import Run, RunState, place, rank_seed, resume, val_rows
 
 SCORE_KEYS = ("val_loss", "val_perplexity", "CIDEr", "BLEU-4")
+LOG_NAMES = ("train_steps.csv", "train_epochs.json", "train.json", "train.png")
 
 
 @dataclass
@@ -86,22 +77,12 @@ class TrainSummary:
 
 
 @dataclass
-class TrainState:
-    """Where a run stands; saved in every checkpoint (as a plain dict) so --resume continues exactly."""
+class TrainState(RunState):
+    """RunState plus early stopping and throughput; best_score is the validation CIDEr (or -val_loss
+    without validation images)."""
 
-    epoch: int = 0  # epochs finished
-    step: int = 0  # optimizer steps taken (batches, with accumulation)
-    best_epoch: int = 0
-    best: dict = field(default_factory=dict)  # the best epoch's SCORE_KEYS
-    best_score: float = -math.inf  # validation CIDEr (or -val_loss without validation images)
     bad_epochs: int = 0  # epochs since the best one (early stopping)
-    history: list = field(default_factory=list)  # one row per epoch (train_epochs.json)
-    seconds: float = 0.0  # training time, validation excluded
     captions: int = 0  # captions trained on
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainState:
-        return known_fields(cls, d)
 
     def summary(self, out: Path) -> TrainSummary:
         return TrainSummary(epochs_run=self.epoch, steps=self.step, best_epoch=self.best_epoch, best=dict(self.best),
@@ -130,10 +111,7 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def loss(self, features, words, n, start_id: int, end_id: int):
-        return caption_loss(self.net, features, words, n, start_id, end_id, self.device, self.amp_dtype)
-
-    def step(self, features, words, n, start_id, end_id, update: bool = True, weight: float | None = None,
+    def step(self, batch: Batch, update: bool = True, weight: float | None = None,
              group: int | None = None) -> torch.Tensor:
         """Forward + backward; with `update`, clip and take an optimizer step. Returns the detached loss.
 
@@ -145,7 +123,7 @@ class Trainer:
         """
         local = not update and isinstance(self.net, torch.nn.parallel.DistributedDataParallel)
         with self.net.no_sync() if local else contextlib.nullcontext():
-            loss, _ = self.loss(features, words, n, start_id, end_id)
+            loss = caption_loss(self.net, batch, self.amp_dtype)
             scaled = loss if weight is None else loss * weight
             self.scaler.scale(scaled / (group or self.cfg.accumulate)).backward()
         if update:
@@ -157,7 +135,6 @@ class Trainer:
             self.scaler.update()
             self.opt.zero_grad(set_to_none=True)
         return loss.detach()
-
 
     def check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """Stop before a non-finite loss or gradient reaches the weights (one device sync per update).
@@ -171,23 +148,6 @@ class Trainer:
             raise PipelineError(f"training diverged: loss {float(loss.detach()):.4g}, gradient norm {float(grad_norm):.4g} "
                                 f"(non-finite); no checkpoint is written for it. Check the features "
                                 f"(`pipeline extract --force`) or lower --lr / set --clip")
-
-
-def caption_loss(net, features: torch.Tensor, words: torch.Tensor, n: torch.Tensor, start_id: int, end_id: int,
-                 device: torch.device, amp_dtype=None) -> tuple[torch.Tensor, int]:
-    """Mean token cross-entropy of a batch, and its token count.
-
-    features (B, D) any float dtype; words (B, L) 0-padded word ids; n (B,) word counts (on the CPU,
-    since packing needs CPU lengths).
-    """
-    inputs, targets, lengths, order = teacher_forcing(words, n, start_id, end_id)  # (B, T), (B, T), (B,)
-    features = features[order].to(device, non_blocking=True).float()
-    inputs = inputs.to(device, non_blocking=True)
-    targets = targets.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = net(features, inputs, lengths)  # (sum(lengths), V)
-    loss = F.cross_entropy(logits.float(), packed_targets(targets, lengths))
-    return loss, int(lengths.sum())
 
 
 def epoch_batches(data: CaptionData, rows: torch.Tensor, cfg: TrainConfig, epoch: int,
@@ -214,20 +174,16 @@ def token_count(data: CaptionData, rows: torch.Tensor) -> int:
 
 def run_epoch(trainer: Trainer, data: CaptionData, batches: list[torch.Tensor], progress: bool = False,
               desc: str = "train", weights: list[float] | None = None) -> list[float]:
-    """Train over `batches`; returns the per-step losses (fetched from the device once, at the end).
-
-    `weights`: one loss multiplier per batch for the backward pass (see Trainer.step), or None."""
+    """Train over `batches` (caption rows); returns the per-step losses (fetched from the device once,
+    at the end). `weights`: one loss multiplier per batch for the backward pass (see Trainer.step), or None."""
     trainer.model.train()
-    vocab = data.vocab
     losses = []
     bar = tqdm(total=sum(len(b) for b in batches), unit="cap", desc=desc, disable=not progress,
                dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
     for i, rows in enumerate(batches):
         update = (i + 1) % trainer.cfg.accumulate == 0 or i == len(batches) - 1
-        feats = data.features[data.caption_image[rows]]  # (B, D) float16 in memory
-        loss = trainer.step(feats, data.labels[rows], data.lengths[rows], vocab.start_id, vocab.end_id, update,
-                            None if weights is None else weights[i], accumulation_group(i, len(batches),
-                                                                                        trainer.cfg.accumulate))
+        loss = trainer.step(Batch.of(data, rows, trainer.device), update, None if weights is None else weights[i],
+                            accumulation_group(i, len(batches), trainer.cfg.accumulate))
         losses.append(loss)
         bar.update(len(rows))
         if progress and (i + 1) % trainer.cfg.print_every == 0:
@@ -243,61 +199,33 @@ def accumulation_group(i: int, n_batches: int, accumulate: int) -> int:
     return min(accumulate, n_batches - start)
 
 
-@torch.no_grad()
-def validate(model: CaptionDecoder, data: CaptionData, cfg: TrainConfig, device: torch.device,
-             val_images: torch.Tensor, references: dict) -> dict:
-    """Validation loss/perplexity over every val caption, and greedy-decoding CIDEr/BLEU-4."""
-    model.eval()
-    rows = data.caption_rows("val")
-    total, tokens = 0.0, 0
-    v = data.vocab
-    for b in torch.split(rows, cfg.batch_size * 4):
-        loss, n_tok = caption_loss(model, data.features[data.caption_image[b]], data.labels[b], data.lengths[b],
-                                   v.start_id, v.end_id, device)
-        total += float(loss) * n_tok
-        tokens += n_tok
-    out = {}
-    if tokens:
-        out["val_loss"] = total / tokens
-        out["val_perplexity"] = math.exp(min(out["val_loss"], 50.0))
-    if len(val_images):
-        hyps = decode(model, data.features[val_images].to(device).float(), beam_size=1, max_length=cfg.max_length,
-                      start_id=v.start_id, end_id=v.end_id, banned_ids=(v.pad_id, v.start_id, v.unk_id))
-        from pipeline.decoder.metrics import fast_scores  # pycocoevalcap: loaded only when validation scores
-
-        candidates = {int(r): v.decode(h.tokens) for r, h in zip(val_images, hyps)}
-        out.update(fast_scores(references, candidates))
-    return out
-
-
 # ------------------------------------------------------------------------------------------ the run
-@dataclass
-class Run:
+@dataclass(kw_only=True)
+class TrainRun(Run):
     """What one `train` call works with, built once by `setup`."""
 
-    cfg: TrainConfig
-    data: CaptionData
-    model_cfg: ModelConfig
-    trainer: Trainer
-    device: torch.device
-    dist: distributed.Context
-    train_rows: torch.Tensor  # (M_train,) caption rows trained on
-    val_images: torch.Tensor  # (N_val,) image rows decoded at validation
-    references: dict  # row -> tokenized reference captions of val_images
-    out: Path
-    metrics_dir: Path
-    log: Callable[[str], None]
-    steps_log: list = field(default_factory=list)  # one row per optimizer step (train_steps.csv)
+    NAME = "train"
+    STEP_FORMATS = {"loss": ".6f", "perplexity": ".4f", "lr": ".3g"}
 
-    @property
-    def last(self) -> Path:
-        return self.out / "last.pt"
+    trainer: Trainer
+    train_rows: torch.Tensor  # (M_train,) caption rows trained on
+
+    def checkpoint_entry(self) -> dict:
+        return {"train_config": asdict(self.cfg)}
+
+    def summary(self, state: TrainState) -> dict:
+        return {"train_seconds": round(state.seconds, 3),
+                "captions_per_second": round(state.captions / state.seconds, 1) if state.seconds else 0.0}
+
+    def plot(self, state: TrainState) -> None:
+        plot_training(self.steps_log, state.history, self.metrics_dir / "train.png",
+                      title=f"{self.metrics_dir}: best epoch {state.best_epoch} of {state.epoch}")
 
 
 def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "checkpoints",
           metrics_dir: str | os.PathLike = "metrics", cfg: TrainConfig | None = None, resume: bool = False,
           progress: bool = True, log: Callable[[str], None] = print) -> TrainSummary:
-    """Train the decoder of `cfg` on the cache in `cache_dir`; write checkpoints to `out` and logs to `metrics_dir`.
+    """Train the decoder on the cache in `cache_dir`.
 
     Outputs: OUT/best.pt (the best validation CIDEr), OUT/last.pt (where the run stands), and the
     METRICS files listed in the module docstring. `resume` continues from OUT/last.pt and ends
@@ -309,80 +237,53 @@ def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "chec
     once), checks both are writable and have room for the checkpoints, and removes temp files that a
     killed run left there. A save that fails later ends in one line; the last good checkpoint is kept.
     """
-    with contextlib.ExitStack() as locks:
-        return _train(cache_dir, out, metrics_dir, cfg, resume, progress, log, locks)
-
-
-def _train(cache_dir, out, metrics_dir, cfg: TrainConfig | None, resume: bool, progress: bool, log,
-           locks: contextlib.ExitStack) -> TrainSummary:
-    """`train`, with `locks` holding (on rank 0) the locks of its output folders until it returns."""
     cfg = cfg or TrainConfig()
     cfg.check()
-    distributed.context().decide(lambda: claim_outputs(locks, Path(out), Path(metrics_dir)))
-    run = setup(cache_dir, Path(out), Path(metrics_dir), cfg, log)
-    run.dist.decide(lambda: check_room(run.trainer.model, run.out))
-    state = resume_or_init(run, resume)
-    for epoch in range(state.epoch, cfg.epochs):
-        train_epoch(run, state, epoch, progress)
-        if end_of_epoch(run, state, epoch):
-            run.log(f"early stop: no better validation CIDEr for {cfg.patience} epoch(s)")
-            break
-    if run.dist.is_main:
-        with reporting_disk_errors(run.metrics_dir, f"the checkpoints in {run.out} are kept: free space and "
-                                   f"rerun with --resume to write the logs"):
-            write_logs(run, state, final=True)
-    return state.summary(run.out)
+    with contextlib.ExitStack() as locks:
+        # the process group starts here, with the run's own timeout (a later context() call keeps it)
+        distributed.context(cfg.dist_timeout).decide(lambda: claim_outputs(locks, Path(out), Path(metrics_dir),
+                                                                           LOG_NAMES))
+        run = setup(cache_dir, Path(out), Path(metrics_dir), cfg, log)
+        run.dist.decide(lambda: check_room(run.model, run.out))
+        state = resume_or_init(run, resume)
+        for epoch in range(state.epoch, cfg.epochs):
+            train_epoch(run, state, epoch, progress)
+            if end_of_epoch(run, state, epoch):
+                run.log(f"early stop: no better validation CIDEr for {cfg.patience} epoch(s)")
+                break
+        run.finish(state)
+        return state.summary(run.out)
 
 
-def setup(cache_dir: str | os.PathLike, out: Path, metrics_dir: Path, cfg: TrainConfig, log) -> Run:
+def setup(cache_dir: str | os.PathLike, out: Path, metrics_dir: Path, cfg: TrainConfig, log) -> TrainRun:
     """Device, cache, a freshly initialised decoder (seeded) and its optimizer."""
-    dist = distributed.context(cfg.dist_timeout)
-    device = choose_device(cfg.device, dist.local_rank if dist.enabled else None)
-    tune(device, fixed_shapes=False)  # batches vary in caption length
+    dist, device = place(cfg.device, cfg.dist_timeout)
     data = load_cache(cache_dir, captions=False)  # raw captions: only rank 0's validation references, below
     train_rows = data.training_rows(cache_dir)
-    val_images = data.image_rows("val")
-    if cfg.val_images:
-        val_images = val_images[: cfg.val_images]
+    val_images = val_rows(data, cfg.val_images)
     model_cfg = ModelConfig.of(cfg, data.encoder.feature_dim, len(data.vocab))
     torch.manual_seed(cfg.seed)
     model = CaptionDecoder(model_cfg)
     model.fit_feature_stats(data.features, data.image_rows("train"))  # a resume overwrites these with the saved ones
     trainer = Trainer(model, cfg, device, ddp=dist.enabled)
-    return Run(cfg, data, model_cfg, trainer, device, dist, train_rows, val_images,
-               data.references(val_images) if dist.is_main else {},
-               out, metrics_dir, log if dist.is_main else (lambda m: None))
+    return TrainRun(cfg=cfg, data=data, model=trainer.model, opt=trainer.opt, model_cfg=model_cfg, device=device,
+                    dist=dist, val_images=val_images, references=data.references(val_images) if dist.is_main else {},
+                    record=training_images_record(data), out=out, metrics_dir=metrics_dir,
+                    log=log if dist.is_main else (lambda m: None), trainer=trainer, train_rows=train_rows)
 
 
-def resume_or_init(run: Run, resume: bool) -> TrainState:
-    """With `resume` and a last.pt: its weights, optimizer, state and RNG; else a fresh state.
-
-    Rank 0 decides for all ranks whether to resume, so they never disagree (or half refuse)."""
-    last = run.last
-
-    def resumable() -> bool:
-        if not (resume and last.exists()):
-            return False
-        check_resumable(load_checkpoint(last), run.data, run.model_cfg, last)
-        return True
-
-    if not run.dist.decide(resumable):
-        if resume:
-            run.log(f"--resume: no {last} yet, starting from scratch")
+def resume_or_init(run: TrainRun, wanted: bool) -> TrainState:
+    """With `wanted` and a last.pt: its weights, optimizer, state and RNG; else a fresh state."""
+    state = resume(run, wanted, lambda ckpt: check_resumable(ckpt, run.data, run.model_cfg, run.last), TrainState)
+    if state is None:
+        if wanted:
+            run.log(f"--resume: no {run.last} yet, starting from scratch")
         return TrainState()
-    ckpt = load_checkpoint(last)
-    run.trainer.model.load_state_dict(ckpt["model"])
-    run.trainer.opt.load_state_dict(ckpt["optimizer"])
-    state = TrainState.from_dict(ckpt["train_state"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if run.device.type == "cuda" and "cuda" in ckpt["rng"]:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
-    run.steps_log = [r for r in read_steps(run.metrics_dir / "train_steps.csv") if r["step"] <= state.step]
-    run.log(f"resuming from {last}: epoch {state.epoch}, step {state.step}")
+    run.log(f"resuming from {run.last}: epoch {state.epoch}, step {state.step}")
     return state
 
 
-def train_epoch(run: Run, state: TrainState, epoch: int, progress: bool) -> None:
+def train_epoch(run: TrainRun, state: TrainState, epoch: int, progress: bool) -> None:
     """One pass over the training captions; appends its steps to the log and advances `state`.
 
     Under DDP every rank takes its slice of the same global batches and weights its loss by its share
@@ -416,105 +317,23 @@ def train_epoch(run: Run, state: TrainState, epoch: int, progress: bool) -> None
     state.captions += n_captions
 
 
-def end_of_epoch(run: Run, state: TrainState, epoch: int) -> bool:
+def end_of_epoch(run: TrainRun, state: TrainState, epoch: int) -> bool:
     """Rank 0 validates, logs, keeps best.pt and writes last.pt and the logs; True when training should
     stop early. The other ranks wait at the broadcast, so every rank leaves the loop after the same epoch."""
     cfg, stop = run.cfg, False
     if run.dist.is_main:
         row = state.history[-1]
-        row.update(validate(run.trainer.model, run.data, cfg, run.device, run.val_images, run.references))
+        row.update(run.validate())
         row = state.history[-1] = {k: row[k] for k in ("epoch", "step", "lr", "train_loss", *SCORE_KEYS,
                                                        "seconds", "captions_per_second") if k in row}
-        score = row.get("CIDEr", -row.get("val_loss", 0.0))
-        improved = score > state.best_score
-        if improved:
-            state.best_score, state.best_epoch, state.bad_epochs = score, epoch + 1, 0
-            state.best = {k: row[k] for k in SCORE_KEYS if k in row}
-        else:
-            state.bad_epochs += 1
+        improved = state.keep_best(row, row.get("CIDEr", -row.get("val_loss", 0.0)), SCORE_KEYS, epoch)
+        state.bad_epochs = 0 if improved else state.bad_epochs + 1
         run.log(" ".join([f"epoch {epoch + 1}: train_loss {row['train_loss']:.4f}"] +
                          [f"{k} {row[k]:.4f}" for k in SCORE_KEYS if k in row] +
                          [f"{row['captions_per_second']:.0f} captions/s", "(best)" if improved else ""]))
         stop = bool(cfg.patience) and state.bad_epochs >= cfg.patience
-        with reporting_disk_errors(run.out, f"the last good checkpoint {run.last} is kept: free space and "
-                                   f"rerun with --resume"):
-            if improved:
-                save(run, state, run.out / "best.pt")
-            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stop:
-                save(run, state, run.last)
-                write_logs(run, state)
+        run.save_epoch(state, improved, last=(epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stop)
     return run.dist.broadcast(stop)
-
-
-def save(run: Run, state: TrainState, path: Path) -> None:
-    """A checkpoint of the decoder, optimizer, state and RNG: everything to resume, evaluate or caption."""
-    refuse_non_finite(run.trainer.model, path)
-    rng = {"torch": torch.get_rng_state()}
-    if run.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(run.device)
-    save_checkpoint(path, decoder_checkpoint(run.trainer.model, run.trainer.opt, run.model_cfg, run.data, state, rng,
-                                             training_images_record(run.data), train_config=asdict(run.cfg)))
-
-
-def decoder_checkpoint(model: CaptionDecoder, opt: torch.optim.Optimizer, model_cfg: ModelConfig, data: CaptionData,
-                       state, rng: dict, record: dict, **extra) -> dict:
-    """The checkpoint payload train and scst share (evaluate and caption read either): weights, optimizer,
-    settings, vocabulary, encoder record, the cache's fingerprints, the training images, the run's state
-    (a dataclass with epoch and step) and RNG; `extra` names the stage's own settings."""
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "model_config": model_cfg.as_dict(), **extra,
-            "vocab": list(data.vocab.tokens), "encoder": data.encoder.as_dict(),
-            "cache": {k: v for k, v in data.fingerprints.items() if k != "features_settings"},
-            "epoch": state.epoch, "step": state.step, "train_state": asdict(state), "rng": rng, RECORD_KEY: record}
-
-
-def refuse_non_finite(model: torch.nn.Module, path: Path) -> None:
-    """Never write a checkpoint whose weights hold inf/NaN: training diverged, and the last good one stays."""
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise PipelineError(f"refusing to write {path}: the decoder holds non-finite values ({', '.join(bad[:3])}); "
-                            f"training diverged, check the features or lower --lr")
-
-
-CHECKPOINT_NAMES = ("last.pt", "best.pt")
-LOG_NAMES = ("train_steps.csv", "train_epochs.json", "train.json", "train.png")
-
-
-def claim_outputs(locks: contextlib.ExitStack, out: Path, metrics_dir: Path, log_names=LOG_NAMES) -> None:
-    """Rank 0, before any work: lock OUT and METRICS, prove both writable, drop temp files a killed run left
-    (of the checkpoints and of `log_names`, the stage's METRICS files). Shared by train and scst."""
-    hold_all(locks, [(out, "--out"), (metrics_dir, "--metrics-dir")])
-    ensure_writable(out, "--out")
-    ensure_writable(metrics_dir, "--metrics-dir")
-    remove_stale_temps(out, list(CHECKPOINT_NAMES))
-    remove_stale_temps(metrics_dir, list(log_names))
-
-
-def check_room(model: torch.nn.Module, out: Path) -> None:
-    """Rank 0: refuse a run whose checkpoints cannot fit on OUT's disk. At the worst moment OUT holds
-    best.pt, last.pt and the temp file replacing one of them; each holds the weights and Adam's two moments.
-    Shared by train and scst."""
-    params = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    size = 3 * params + 65536  # + vocabulary, settings, RNG state
-    have = sum((out / n).stat().st_size for n in CHECKPOINT_NAMES if (out / n).exists())
-    check_free_space(out, 3 * size - have, f"checkpoints need about {human_bytes(size)} each (best.pt, last.pt "
-                     f"and a temp file while one is replaced)", "free space, or pass --out on a larger disk")
-
-
-def rank_seed(seed: int, epoch: int, rank: int) -> int:
-    """The global RNG seed of `rank` in `epoch` under DDP (dropout): distinct per rank and epoch."""
-    return ((seed * 1_000_003 + epoch) * 10_007 + rank + 1) % (1 << 63)
-
-
-def same_cache(ckpt: dict, data: CaptionData) -> bool:
-    """Whether `ckpt` was trained on this cache's vocabulary and features (their fingerprints)."""
-    cache = ckpt.get("cache", {})
-    return cache.get("vocab") == data.fingerprints["vocab"] and cache.get("features") == data.fingerprints["features"]
-
-
-def known_fields(cls, d: dict):
-    """A dataclass `cls` from the keys of `d` it knows: a run's state read back from a checkpoint."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def check_resumable(ckpt: dict, data: CaptionData, model_cfg: ModelConfig, path: Path) -> None:
@@ -524,37 +343,3 @@ def check_resumable(ckpt: dict, data: CaptionData, model_cfg: ModelConfig, path:
     if ckpt["model_config"] != model_cfg.as_dict():
         raise PipelineError(f"{path} has other model settings ({ckpt['model_config']}) than asked "
                             f"({model_cfg.as_dict()}): resume with the same settings or drop --resume")
-
-
-STEP_FORMATS = {"loss": ".6f", "perplexity": ".4f", "lr": ".3g"}  # train_steps.csv's columns after step, epoch
-
-
-def read_steps(path: Path) -> list[dict]:
-    """A steps CSV (train's or scst's) back as rows: step and epoch ints, every other column a float."""
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [{k: int(v) if k in ("step", "epoch") else float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
-def write_steps(path: Path, rows: list[dict], formats: dict[str, str]) -> None:
-    """One row per optimizer step: step, epoch, then the `formats` columns, each written with its format."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["step", "epoch", *formats], lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({**r, **{k: format(r[k], spec) for k, spec in formats.items()}})
-    write_text(path, buf.getvalue())
-
-
-def write_logs(run: Run, state: TrainState, final: bool = False) -> None:
-    """train_steps.csv, train_epochs.json and train.json (and, once at the end, train.png)."""
-    write_steps(run.metrics_dir / "train_steps.csv", run.steps_log, STEP_FORMATS)
-    write_json(run.metrics_dir / "train_epochs.json", state.history)
-    summary = {"best_epoch": state.best_epoch, **state.best, "epochs": state.epoch, "steps": state.step,
-               "train_seconds": round(state.seconds, 3),
-               "captions_per_second": round(state.captions / state.seconds, 1) if state.seconds else 0.0}
-    write_json(run.metrics_dir / "train.json", summary)
-    if final:  # ~0.7 s a picture: once per run, not at every save
-        plot_training(run.steps_log, state.history, run.metrics_dir / "train.png",
-                      title=f"{run.metrics_dir}: best epoch {state.best_epoch} of {state.epoch}")

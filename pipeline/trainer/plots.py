@@ -1,4 +1,5 @@
-"""Training curves as a PNG: loss per step, and validation loss and scores per epoch.
+"""Training curves as PNGs: train's loss per step and validation scores per epoch; scst's reward and
+baseline per step and validation CIDEr per epoch.
 
 Why a PNG beside DVC's own plots: `dvc plots show` writes an HTML page that loads Vega from a CDN, so
 offline it renders nothing. This picture opens anywhere, and dvc.yaml declares it as an image plot,
@@ -59,9 +60,45 @@ def plot_training(steps: list[dict], epochs: list[dict], out: str | os.PathLike,
     if epochs:
         score_ax.legend()
         score_ax.xaxis.get_major_locator().set_params(integer=True)
+    return _save(fig, out, title)
+
+
+def plot_scst(steps: list[dict], epochs: list[dict], out: str | os.PathLike, title: str = "") -> Path:
+    """Reward, baseline and sampled length per step (left); validation CIDEr per epoch (right).
+
+    steps:  [{"step", "reward", "baseline", "length", ...}]   (scst_steps.csv)
+    epochs: [{"epoch", "CIDEr", ...}], epoch 0 = the cross-entropy checkpoint   (scst_epochs.json)
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    if steps:
+        x = [r["step"] for r in steps]
+        left.plot(x, [r["reward"] for r in steps], color="tab:green", label="mean reward (CIDEr-D)")
+        left.plot(x, [r["baseline"] for r in steps], color="tab:gray", linestyle="--", label="mean baseline (loo: equals the mean reward)")
+        length_ax = left.twinx()
+        length_ax.plot(x, [r["length"] for r in steps], color="tab:orange", alpha=0.5, label="sampled length")
+        length_ax.set_ylabel("tokens per sample")
+        length_ax.legend(loc="lower right")
+        left.legend(loc="upper left")
+    left.set(xlabel="step", ylabel="CIDEr-D of the samples", title="training samples")
+    left.grid(alpha=0.3)
+    pts = [(r["epoch"], r["CIDEr"]) for r in epochs if "CIDEr" in r]
+    if pts:
+        right.plot(*zip(*pts), "o-", color="tab:purple", label="validation CIDEr (greedy)")
+        right.axhline(pts[0][1], color="gray", linestyle=":", label=f"cross-entropy start {pts[0][1]:.3f}")
+        right.legend()
+        right.xaxis.get_major_locator().set_params(integer=True)
+    right.set(xlabel="epoch (0: cross-entropy checkpoint)", ylabel="CIDEr (0-10)", title="validation")
+    right.grid(alpha=0.3)
+    return _save(fig, out, title)
+
+
+def _save(fig, out: str | os.PathLike, title: str) -> Path:
+    """`fig` with its `title` as a PNG at `out`, written atomically."""
     if title:
         fig.suptitle(title)
-
     out = Path(out)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
