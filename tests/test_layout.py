@@ -77,8 +77,13 @@ def test_no_stage_package_imports_another(stage):
     assert not others, f"pipeline/{stage} imports the stage package(s) {others}"
 
 
-def test_params_yaml_names_every_setting_of_every_stage():
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+RECIPES = ["params.yaml", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_params_yaml_names_every_setting_of_every_stage(recipe):
+    """params.yaml and every recipe in configs/ (which `pipeline --params` and DVC take the same way)."""
+    params = yaml.safe_load((REPO / recipe).read_text())
     assert set(params) == set(CONFIGS) | DVC_ONLY_SECTIONS
     for section, cls in CONFIGS.items():
         assert list(params[section]) == cls.names(), f"params.yaml's {section} section differs from {cls.__name__}"
@@ -150,3 +155,19 @@ def test_every_command_takes_the_projects_params_yaml(command):
 
     r = CliRunner().invoke(main, ["--params", str(REPO / "params.yaml"), command, "--help"])
     assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+
+
+def test_path_defaults_are_the_dvc_layout():
+    """The commands' default paths (pipeline/core/paths.py) are where dvc.yaml's stages read and write, so a
+    command run by hand after `dvc repro` (caption, evaluate, scst --resume) finds what DVC made."""
+    from pipeline.core import paths
+
+    cmds = {name: stage["cmd"] for name, stage in dvc_stages().items()}
+    assert f"--out-dir {paths.CACHE_DIR}" in cmds["prepare"]
+    assert f"--out {paths.XE_DIR} --metrics-dir {paths.XE_METRICS}" in cmds["train"]
+    assert f"--init {paths.XE_CHECKPOINT} --out {paths.SCST_DIR} --metrics-dir {paths.SCST_METRICS}" in cmds["scst"]
+    assert f"--checkpoint {paths.FINAL_CHECKPOINT}" in cmds["evaluate"] and f"--out {paths.EVAL_METRICS}" in cmds["evaluate"]
+    defaults = {(c, p.name): p.default for c in ("train", "scst", "evaluate", "caption")
+                for p in main.get_command(None, c).params}
+    assert defaults[("train", "out")] == paths.XE_DIR and defaults[("scst", "init")] == paths.XE_CHECKPOINT
+    assert defaults[("evaluate", "checkpoint")] == defaults[("caption", "checkpoint")] == paths.FINAL_CHECKPOINT

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.caption.caption import expand_inputs
-from pipeline.core import distributed
+from pipeline.core import distributed, paths
 from pipeline.core.manifest import ImageRecord, Manifest
 from pipeline.core.runtime import autocast, choose_device, cpu_count, default_workers, heap_allocations, tune
 from pipeline.decoder.model import CaptionDecoder, ModelConfig
@@ -161,7 +161,7 @@ def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, repe
     return res
 
 
-def bench_train(cache_dir: str = "cache", cfg: TrainConfig | None = None, notebook_batches: int = 10,
+def bench_train(cache_dir: str = paths.CACHE_DIR, cfg: TrainConfig | None = None, notebook_batches: int = 10,
                 max_batches: int = 0, log=print) -> dict:
     """Bare decoder steps vs a `train` epoch from the cache vs the ResNet-every-step notebook way."""
     from pipeline.decoder.data import load_cache
@@ -283,7 +283,7 @@ def _time_notebook_way(data, batches: list[torch.Tensor], cfg: TrainConfig, dev:
 SCORE_KEYS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
-def bench_blind(cache_dir: str = "cache", cfg: TrainConfig | None = None, ecfg: EvaluateConfig | None = None,
+def bench_blind(cache_dir: str = paths.CACHE_DIR, cfg: TrainConfig | None = None, ecfg: EvaluateConfig | None = None,
                 log=print) -> dict:
     """Train with and without the images (same settings, same seed), evaluate both on `ecfg.split`.
 
@@ -311,7 +311,7 @@ def bench_blind(cache_dir: str = "cache", cfg: TrainConfig | None = None, ecfg: 
     return {"split": split, "seeing": scores["seeing"], "blind": scores["blind"], "cider_ratio": ratio}
 
 
-def bench_scst(cache_dir: str = "cache", cfg=None, tcfg: TrainConfig | None = None, steps: int = 10,
+def bench_scst(cache_dir: str = paths.CACHE_DIR, cfg=None, tcfg: TrainConfig | None = None, steps: int = 10,
                log=print) -> dict:
     """An SCST step (sample K captions per image, CIDEr-D reward, REINFORCE update) against a
     cross-entropy step of train, on the same cache and decoder, in captions per second; and the share

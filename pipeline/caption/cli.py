@@ -7,13 +7,14 @@ import sys
 
 import click
 
+from pipeline.core import paths
 from pipeline.core.settings import click_options
 from pipeline.decoder.decode import DecodeConfig, EvaluateConfig
 
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--checkpoint", default="checkpoints/best.pt", show_default=True, type=click.Path())
+@click.option("--checkpoint", default=paths.FINAL_CHECKPOINT, show_default=True, type=click.Path())
 @click_options(DecodeConfig)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images per batch.")
 @click.option("--encoder-weights", default=None, type=click.Path(),

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 import torch
 
+from pipeline.core import paths
 from pipeline.core.cache import FEATURES_NAME, LABELS_NAME, EncoderSpec, read_features_attrs, reading
 from pipeline.core.errors import PipelineError
 from pipeline.core.manifest import SPLITS, Manifest, load_manifest
@@ -69,7 +70,7 @@ class CaptionData:
         return {int(r): [" ".join(tokenize(c)) for c in images[int(r)].captions] for r in rows}
 
 
-def load_cache(cache_dir: str | os.PathLike = "cache", features: str | os.PathLike | None = None,
+def load_cache(cache_dir: str | os.PathLike = paths.CACHE_DIR, features: str | os.PathLike | None = None,
                captions: bool = True) -> CaptionData:
     """The cache in memory, checked for consistency.
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import click
 
+from pipeline.core import paths
 from pipeline.core.settings import click_options
 from pipeline.evaluate.config import EvaluateConfig
 
 
 @click.command()
-@click.option("--checkpoint", default="checkpoints/best.pt", show_default=True, type=click.Path())
-@click.option("--cache-dir", default="cache", show_default=True, type=click.Path())
-@click.option("--out", default="metrics/eval.json", show_default=True, type=click.Path(), help="Metrics JSON.")
+@click.option("--checkpoint", default=paths.FINAL_CHECKPOINT, show_default=True, type=click.Path())
+@click.option("--cache-dir", default=paths.CACHE_DIR, show_default=True, type=click.Path())
+@click.option("--out", default=paths.EVAL_METRICS, show_default=True, type=click.Path(), help="Metrics JSON.")
 @click.option("--results", default=None, type=click.Path(),
               help="COCO results JSON [default: captions_SPLIT.json beside --out].")
 @click_options(EvaluateConfig)

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.core import paths
 from pipeline.core.cache import EncoderSpec, describe_difference
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import write_json
@@ -83,8 +84,8 @@ def check_overlap(ckpt: dict, data: CaptionData, rows, split: str, where: str, a
     return f"{n} of the {len(rows)} scored images were in the checkpoint's training set" if n else None
 
 
-def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = "cache", cfg: EvaluateConfig | None = None,
-             out: str | os.PathLike = "metrics/eval.json", results: str | os.PathLike | None = None,
+def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = paths.CACHE_DIR, cfg: EvaluateConfig | None = None,
+             out: str | os.PathLike = paths.EVAL_METRICS, results: str | os.PathLike | None = None,
              batch_size: int = 256, allow_overlap: bool = False) -> EvalSummary:
     """Decode `cfg.split` of the cache with the checkpoint's decoder and score it against the references.
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
+from pipeline.core import paths
 from pipeline.core.settings import click_options
 from pipeline.extract.config import ExtractConfig
 
 
 @click.command()
-@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(),
+@click.option("--cache-dir", default=paths.CACHE_DIR, show_default=True, type=click.Path(),
               help="Folder with manifest.json; features.h5 is written there.")
 @click.option("--out", default=None, type=click.Path(), help="Feature file [default: CACHE_DIR/features.h5].")
 @click_options(ExtractConfig)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.core import distributed
+from pipeline.core import distributed, paths
 from pipeline.core.cache import FEATURES_NAME, EncoderSpec
 from pipeline.core.errors import PipelineError
 from pipeline.core.locks import hold
@@ -84,7 +84,7 @@ def cache_settings(spec: EncoderSpec, preprocess: Preprocess, dtype: str, manife
             "manifest_fingerprint": manifest.fingerprint, "n_images": len(manifest.images)}
 
 
-def extract(cache_dir: str | os.PathLike = "cache", cfg: ExtractConfig | None = None,
+def extract(cache_dir: str | os.PathLike = paths.CACHE_DIR, cfg: ExtractConfig | None = None,
             out: str | os.PathLike | None = None, force: bool = False, progress: bool = True,
             retry_failed: bool = False) -> ExtractSummary:
     """Extract features for every image in `cache_dir/manifest.json` into `out` (default cache_dir/features.h5).

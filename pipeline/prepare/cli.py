@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
+from pipeline.core import paths
 from pipeline.core.settings import click_options
 from pipeline.prepare.config import PrepareConfig
 
 
 @click.command()
-@click.option("--out-dir", default="cache", show_default=True, type=click.Path(), help="Where to write the outputs.")
+@click.option("--out-dir", default=paths.CACHE_DIR, show_default=True, type=click.Path(), help="Where to write the outputs.")
 @click_options(PrepareConfig)
 def prepare(out_dir, **options):
     """Read a dataset into manifest.json, vocab.json and labels.h5 under --out-dir."""

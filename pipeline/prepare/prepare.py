@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.core import paths
 from pipeline.core.cache import LABELS_NAME, checksummed
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path
@@ -99,7 +100,7 @@ def vocabulary_from(path: str | os.PathLike) -> Vocabulary:
                             f"pass a vocab.json or a checkpoint written by `pipeline train`") from None
 
 
-def prepare(cfg: PrepareConfig, out_dir: str | os.PathLike = "cache") -> PrepareSummary:
+def prepare(cfg: PrepareConfig, out_dir: str | os.PathLike = paths.CACHE_DIR) -> PrepareSummary:
     """Read the dataset `cfg` names, build the vocabulary from its train split, encode every caption.
 
     Writes OUT_DIR/manifest.json, vocab.json and labels.h5 (atomically) and returns a PrepareSummary

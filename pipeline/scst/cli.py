@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import click
 
+from pipeline.core import paths
 from pipeline.core.settings import click_options
 from pipeline.scst.config import ScstConfig
 
 
 @click.command()
-@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(),
+@click.option("--cache-dir", default=paths.CACHE_DIR, show_default=True, type=click.Path(),
               help="Folder with features.h5, labels.h5, vocab.json and manifest.json.")
-@click.option("--init", default="checkpoints/best.pt", show_default=True, type=click.Path(),
+@click.option("--init", default=paths.XE_CHECKPOINT, show_default=True, type=click.Path(),
               help="The cross-entropy checkpoint to start from.")
-@click.option("--out", default="checkpoints/scst", show_default=True, type=click.Path(),
+@click.option("--out", default=paths.SCST_DIR, show_default=True, type=click.Path(),
               help="Checkpoint folder (last.pt, best.pt).")
-@click.option("--metrics-dir", default="metrics/scst", show_default=True, type=click.Path(),
+@click.option("--metrics-dir", default=paths.SCST_METRICS, show_default=True, type=click.Path(),
               help="scst_steps.csv, scst_epochs.json, scst.json and scst.png go here.")
 @click_options(ScstConfig)
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (ends where an uninterrupted run would).")

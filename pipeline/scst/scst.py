@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.core import distributed
+from pipeline.core import distributed, paths
 from pipeline.core.errors import PipelineError
 from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder, same_cache
 from pipeline.decoder.data import load_cache
@@ -110,8 +110,8 @@ class ScstRun(Run):
                   title=f"SCST from {self.init}: best epoch {state.best_epoch} of {state.epoch}")
 
 
-def scst(cache_dir: str | os.PathLike = "cache", init: str | os.PathLike = "checkpoints/best.pt",
-         out: str | os.PathLike = "checkpoints/scst", metrics_dir: str | os.PathLike = "metrics/scst",
+def scst(cache_dir: str | os.PathLike = paths.CACHE_DIR, init: str | os.PathLike = paths.XE_CHECKPOINT,
+         out: str | os.PathLike = paths.SCST_DIR, metrics_dir: str | os.PathLike = paths.SCST_METRICS,
          cfg: ScstConfig | None = None, resume: bool = False, progress: bool = True,
          log: Callable[[str], None] = print) -> ScstSummary:
     """Self-critical training of the decoder in `init` on the cache in `cache_dir`.

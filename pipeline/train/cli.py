@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import click
 
+from pipeline.core import paths
 from pipeline.core.settings import click_options
 from pipeline.train.config import TrainConfig
 
 
 @click.command()
-@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(),
+@click.option("--cache-dir", default=paths.CACHE_DIR, show_default=True, type=click.Path(),
               help="Folder with features.h5, labels.h5, vocab.json and manifest.json.")
-@click.option("--out", default="checkpoints", show_default=True, type=click.Path(),
+@click.option("--out", default=paths.XE_DIR, show_default=True, type=click.Path(),
               help="Checkpoint folder (last.pt, best.pt).")
-@click.option("--metrics-dir", default="metrics", show_default=True, type=click.Path(),
+@click.option("--metrics-dir", default=paths.XE_METRICS, show_default=True, type=click.Path(),
               help="train_steps.csv, train_epochs.json, train.json and train.png go here.")
 @click_options(TrainConfig)
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (ends where an uninterrupted run would).")

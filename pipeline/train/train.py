@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.core import distributed
+from pipeline.core import distributed, paths
 from pipeline.core.errors import PipelineError
 from pipeline.core.runtime import amp_dtype
 from pipeline.decoder.checkpoint import same_cache
@@ -222,8 +222,8 @@ class TrainRun(Run):
                       title=f"{self.metrics_dir}: best epoch {state.best_epoch} of {state.epoch}")
 
 
-def train(cache_dir: str | os.PathLike = "cache", out: str | os.PathLike = "checkpoints",
-          metrics_dir: str | os.PathLike = "metrics", cfg: TrainConfig | None = None, resume: bool = False,
+def train(cache_dir: str | os.PathLike = paths.CACHE_DIR, out: str | os.PathLike = paths.XE_DIR,
+          metrics_dir: str | os.PathLike = paths.XE_METRICS, cfg: TrainConfig | None = None, resume: bool = False,
           progress: bool = True, log: Callable[[str], None] = print) -> TrainSummary:
     """Train the decoder on the cache in `cache_dir`.
 
