@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test demo blind bench clean
+.PHONY: venv test demo blind bench flickr8k clean
 
 venv: $(VENV)/.installed
 
@@ -39,6 +39,12 @@ bench: venv
 	$(BIN)/python -m pipeline bench extract --arch resnet18 --weights none
 	$(BIN)/python -m pipeline bench train
 	$(BIN)/python -m pipeline --params params.yaml bench scst --cache-dir cache
+
+# Real photos through a pretrained EfficientNet-Lite0: the whole pipeline on a Flickr8k folder, beside an
+# image-blind decoder and the published figures (FLICKR8K=data/flickr8k after `pipeline download flickr8k`).
+FLICKR8K ?= ../shared/data/flickr8k
+flickr8k: venv
+	$(BIN)/pipeline bench quality $(FLICKR8K) --recipe configs/flickr8k.yaml --work runs/flickr8k
 
 clean:
 	rm -rf cache checkpoints metrics results data/demo dvc_plots

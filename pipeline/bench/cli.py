@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from pipeline.core import paths
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import click_options
 from pipeline.evaluate.config import EvaluateConfig
@@ -60,7 +61,7 @@ def bench_extract_cmd(images, limit, repeat, target_ratio, max_memory_mb, json_o
 
 
 @bench.command("train")
-@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(),
+@click.option("--cache-dir", default=paths.CACHE_DIR, show_default=True, type=click.Path(),
               help="A prepared and extracted cache.")
 @click_options(TrainConfig)
 @click.option("--max-batches", default=0, show_default=True, type=click.IntRange(0),
@@ -84,7 +85,7 @@ def bench_train_cmd(cache_dir, max_batches, notebook_batches, target_ratio, targ
 
 
 @bench.command("blind")
-@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(),
+@click.option("--cache-dir", default=paths.CACHE_DIR, show_default=True, type=click.Path(),
               help="A prepared and extracted cache with train, val and SPLIT images.")
 @click_options(TrainConfig, exclude=("blind",))
 @click_options(EvaluateConfig, prefix="eval_")
@@ -109,7 +110,7 @@ def bench_blind_cmd(cache_dir, target, json_out, **options):
 
 
 @bench.command("scst")
-@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(),
+@click.option("--cache-dir", default=paths.CACHE_DIR, show_default=True, type=click.Path(),
               help="A prepared and extracted cache.")
 @click_options(ScstConfig)
 @click_options(TrainConfig, prefix="train_")
@@ -132,3 +133,26 @@ bench_scst_cmd.params_sections = {ScstConfig: "", TrainConfig: "train_"}
 bench_extract_cmd.params_sections = {ExtractConfig: ""}
 bench_train_cmd.params_sections = {TrainConfig: ""}
 bench_blind_cmd.params_sections = {TrainConfig: "", EvaluateConfig: "eval_"}
+
+
+@bench.command("quality")
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--recipe", default="configs/flickr8k.yaml", show_default=True, type=click.Path(dir_okay=False),
+              help="Settings of every stage (params.yaml's sections).")
+@click.option("--work", default="runs/flickr8k", show_default=True, type=click.Path(file_okay=False),
+              help="Where the cache, checkpoints, scores and gallery go.")
+@click.option("--holdout", default=1000, show_default=True, type=click.IntRange(1),
+              help="Training photos held out as the validation split when DIR withholds the test list.")
+@click.option("--min-cider", "min_cider", default=(0.50, 0.58), show_default=True, type=(float, float),
+              help="Least test CIDEr of the cross-entropy and of the SCST decoder.")
+@click.option("--min-blind-ratio", default=3.0, show_default=True, type=click.FloatRange(0),
+              help="Least CIDEr ratio of the seeing decoder to the image-blind one.")
+def bench_quality_cmd(data_dir, recipe, work, holdout, min_cider, min_blind_ratio):
+    """Caption quality on real photos (Flickr8k's layout): prepare, extract, train, scst, evaluate, a blind baseline."""
+    from pipeline.bench.quality import bench_quality
+
+    res = bench_quality(data_dir, recipe, work, holdout, log=click.echo)
+    s = res["scores"]
+    check_targets([("cross-entropy CIDEr", s["cross-entropy"]["CIDEr"], min_cider[0], ">="),
+                   ("SCST CIDEr", s["SCST"]["CIDEr"], min_cider[1], ">="),
+                   ("CIDEr seeing / blind", res["cider_seeing_over_blind"], min_blind_ratio, ">=")])

@@ -113,22 +113,28 @@ def _thumbnail(path: str, size: int = 256) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def write_html(results: list[Captioned], path: str | os.PathLike, title: str = "Generated captions") -> None:
-    """A self-contained page (thumbnails embedded) of images with their captions."""
+def write_html(results: list[Captioned], path: str | os.PathLike, title: str = "Generated captions",
+               references: dict[str, list[str]] | None = None, summary: str = "") -> None:
+    """A self-contained page (thumbnails embedded) of images with their captions; `references` (path -> human
+    captions) shows them under each caption, `summary` (plain text) above the grid."""
+    references = references or {}
     cards = []
     for r in results:
         name = html.escape(os.path.basename(r.path))
         if r.error:
             cards.append(f'<figure class="bad"><figcaption><b>{name}</b><br>unreadable: {html.escape(r.error)}</figcaption></figure>')
             continue
+        refs = "".join(f"<li>{html.escape(c)}</li>" for c in references.get(r.path, []))
         cards.append(f'<figure><img src="data:image/jpeg;base64,{_thumbnail(r.path)}" alt="{name}">'
-                     f'<figcaption>{html.escape(r.caption)}<br><small>{name}</small></figcaption></figure>')
+                     f'<figcaption><b>{html.escape(r.caption)}</b><br><small>{name}</small>'
+                     + (f'<ul class="refs">{refs}</ul>' if refs else "") + '</figcaption></figure>')
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} .grid{{display:flex;flex-wrap:wrap;gap:1em}}
 figure{{width:260px;margin:0}} img{{max-width:256px;max-height:256px;display:block}}
-figcaption{{font-size:14px;margin-top:.3em}} .bad{{color:#a00}}</style></head>
-<body><h1>{html.escape(title)}</h1><div class="grid">
+figcaption{{font-size:14px;margin-top:.3em}} .bad{{color:#a00}}
+.refs{{color:#555;font-size:12px;padding-left:1.2em;margin:.3em 0}} pre{{font-size:13px}}</style></head>
+<body><h1>{html.escape(title)}</h1>{f"<pre>{html.escape(summary)}</pre>" if summary else ""}<div class="grid">
 {chr(10).join(cards)}
 </div></body></html>
 """
