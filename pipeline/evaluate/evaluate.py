@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.core.cache import EncoderSpec, describe_difference
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import write_json
-from pipeline.core.manifest import SPLITS
+from pipeline.core.manifest import SPLITS, check_cache_captions
 from pipeline.core.runtime import choose_device, tune
 from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
 from pipeline.decoder.data import CaptionData, load_cache
@@ -101,6 +101,7 @@ def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = "cach
     started = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     data = load_cache(cache_dir)
+    check_cache_captions(cache_dir, data.manifest)  # the references are manifest.json's text: still prepare's?
     check_compatible(ckpt, data, str(checkpoint))
     dev = choose_device(cfg.device)
     tune(dev, fixed_shapes=False)  # beam search: shapes vary

@@ -32,7 +32,7 @@ from pipeline.core.cache import LABELS_NAME, checksummed
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path
 from pipeline.core.locks import hold
-from pipeline.core.manifest import MANIFEST_NAME, SPLITS
+from pipeline.core.manifest import MANIFEST_NAME, SPLITS, captions_fingerprint
 from pipeline.core.storage import ensure_writable, remove_stale_temps, reporting_disk_errors
 from pipeline.core.vocab import VOCAB_NAME, Vocabulary, tokenize
 from pipeline.prepare.config import PrepareConfig
@@ -198,6 +198,8 @@ def _prepare(cfg: PrepareConfig, out_dir: str | os.PathLike) -> PrepareSummary:
             f.attrs["vocab_size"] = len(vocab)
             f.attrs["vocab_fingerprint"] = vocab.fingerprint
             f.attrs["manifest_fingerprint"] = manifest.fingerprint
+            # the text of the captions encoded here: a manifest edited afterwards is refused (check_captions)
+            f.attrs["captions_fingerprint"] = captions_fingerprint(r.captions for r in manifest.images)
     manifest.save(out / MANIFEST_NAME)
 
     return PrepareSummary(
