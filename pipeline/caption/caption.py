@@ -24,9 +24,7 @@ from pipeline.core.runtime import choose_device, default_workers
 from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
 from pipeline.decoder.decode import DecodeConfig, decode
 from pipeline.encoder.encoder import encode_images, load_encoder
-from pipeline.encoder.images import Preprocess, image_batches
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from pipeline.encoder.images import IMAGE_EXTENSIONS, Preprocess, image_batches
 
 
 @dataclass
@@ -39,6 +37,9 @@ class Captioned:
 
 def expand_inputs(inputs: list[str]) -> list[str]:
     """Files, folders (their images, sorted, not recursive) and glob patterns -> a list of paths.
+
+    A folder's images are its entries named with a suffix of `IMAGE_EXTENSIONS`: the one list of what the
+    decoder (images.Preprocess, extract's too) reads on this machine, .avif included where Pillow has it.
 
     Every entry named like an image is kept, whatever it turns out to be (a sub-folder called x.jpg, a
     symlink loop, a broken link): decoding then lists it as unreadable with its reason, so no input

@@ -28,6 +28,15 @@ DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; larger files are refused as "abs
 # 256x5120000 pixels, gigabytes. Real photos, panoramas included, stay far below this.
 MAX_ASPECT_RATIO = 25
 
+# What a folder of images holds, for `caption DIR` and globs: every suffix this machine's Pillow decodes among
+# the picture formats (not the PDF/EPS/MPEG/HDF5 names Pillow also registers: a cache folder holds .h5 files).
+# Extract reads whatever the manifest names through the same `Preprocess.load`, so both accept the same files.
+_PICTURE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".dib", ".gif", ".webp", ".tif",
+                     ".tiff", ".avif", ".avifs", ".heic", ".heif", ".qoi", ".tga", ".ppm", ".pgm", ".pbm", ".pnm",
+                     ".jp2", ".j2k", ".jpx", ".jpf", ".ico", ".pcx", ".sgi", ".ras", ".psd", ".mpo")
+Image.init()
+IMAGE_EXTENSIONS = frozenset(s for s in _PICTURE_SUFFIXES if s in Image.registered_extensions())
+
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
 

@@ -124,7 +124,11 @@ def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = "cach
     references = {images[int(r)].id: list(images[int(r)].captions) for r in rows}
     missing = [i for i, refs in references.items() if not refs]
     if missing:
-        raise PipelineError(f"{len(missing)} images of split {split!r} have no reference captions (e.g. id {missing[0]})")
+        raise PipelineError(f"{len(missing)} images of split {split!r} have no reference captions (e.g. id {missing[0]}): "
+                            f"their captions were missing or empty in the annotations (prepare's summary counts them "
+                            f"as left with no caption), so there is nothing to score them against. Give them captions "
+                            f"in the annotation files and rerun `pipeline prepare --out-dir {cache_dir}`, or evaluate "
+                            f"another --split")
     report = score_captions(references, candidates, tokenizer=cfg.tokenizer)
     notes = list(report.notes) + ([overlap_note] if overlap_note else [])
     results = Path(results) if results else Path(out).parent / f"captions_{split}.json"
