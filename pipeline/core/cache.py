@@ -18,6 +18,7 @@ from pipeline.core.errors import PipelineError
 
 FEATURES_NAME = "features.h5"
 LABELS_NAME = "labels.h5"
+VOCAB_NAME = "vocab.json"  # here, not only in vocab.py, so that extract can name it without importing nltk
 
 
 def checksummed(n_rows: int) -> dict:

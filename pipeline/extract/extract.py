@@ -36,13 +36,12 @@ import torch
 from tqdm import tqdm
 
 from pipeline.core import distributed
-from pipeline.core.cache import FEATURES_NAME, LABELS_NAME, EncoderSpec, extract_command
+from pipeline.core.cache import FEATURES_NAME, LABELS_NAME, VOCAB_NAME, EncoderSpec, extract_command
 from pipeline.core.errors import PipelineError
 from pipeline.core.locks import hold
 from pipeline.core.manifest import MANIFEST_NAME, Manifest, load_manifest
 from pipeline.core.runtime import choose_device, default_workers
 from pipeline.core.storage import as_disk_error, disk_error, human_bytes, is_disk_error
-from pipeline.core.vocab import VOCAB_NAME
 from pipeline.encoder.encoder import encode_images, load_encoder, make_spec
 from pipeline.encoder.images import Preprocess, image_batches
 from pipeline.extract.changes import image_stats
