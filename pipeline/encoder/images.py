@@ -121,6 +121,8 @@ class Preprocess:
                 img = Image.open(fp)
             except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
                 raise ValueError(f"image too large ({e})") from None
+            except Image.UnidentifiedImageError:  # PIL names the descriptor it was given: name the file
+                raise Image.UnidentifiedImageError(f"cannot identify image file {path!r}") from None
             w, h = img.size
             self.check_size(w, h)
             source = img.size
