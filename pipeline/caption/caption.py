@@ -24,9 +24,7 @@ from pipeline.core.runtime import choose_device, default_workers
 from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
 from pipeline.decoder.decode import DecodeConfig, decode
 from pipeline.encoder.encoder import encode_images, load_encoder
-from pipeline.encoder.images import Preprocess, image_batches
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from pipeline.encoder.images import IMAGE_EXTENSIONS, Preprocess, image_batches
 
 
 @dataclass
@@ -39,6 +37,9 @@ class Captioned:
 
 def expand_inputs(inputs: list[str]) -> list[str]:
     """Files, folders (their images, sorted, not recursive) and glob patterns -> a list of paths.
+
+    A folder's images are its entries named with a suffix of `IMAGE_EXTENSIONS`: the one list of what the
+    decoder (images.Preprocess, extract's too) reads on this machine, .avif included where Pillow has it.
 
     Every entry named like an image is kept, whatever it turns out to be (a sub-folder called x.jpg, a
     symlink loop, a broken link): decoding then lists it as unreadable with its reason, so no input
@@ -99,10 +100,35 @@ def image_id_of(path: str, fallback: int) -> int:
     return int(digits[-1]) if digits else fallback
 
 
-def write_results_json(results: list[Captioned], path: str | os.PathLike) -> None:
-    """COCO results format, plus the file name so arbitrary images stay identifiable."""
-    write_json(path, [{"image_id": image_id_of(r.path, i), "caption": r.caption, "file_name": r.path}
-                      for i, r in enumerate(results) if not r.error])
+def result_ids(results: list[Captioned]) -> tuple[list[int], str]:
+    """(the image_id of each captioned result, in order; a note, "" when none is needed).
+
+    Ids come from the file names (`image_id_of`: the last run of digits, so COCO's own files keep their
+    COCO ids and the JSON can be scored against COCO's annotations), as long as that gives every captioned
+    image its own id. When two would share one (day1/IMG_0001.jpg and day2/IMG_0001.jpg, the same file
+    twice, a name without digits whose position equals another's digits), every image is numbered by its
+    position in the input list instead (0, 1, ...: the row of `results`), and the note says so."""
+    rows = [i for i, r in enumerate(results) if not r.error]
+    ids = [image_id_of(results[i].path, i) for i in rows]
+    if len(set(ids)) == len(ids):
+        return ids, ""
+    first: dict[int, str] = {}
+    for i, k in zip(rows, ids):
+        if k in first:
+            return rows, (f"{first[k]} and {results[i].path} would both get image id {k} from their names: the "
+                          f"results' images are numbered by their position in the input list instead (0, 1, ...; "
+                          f"file_name says which is which)")
+        first[k] = results[i].path
+    raise AssertionError("unreachable: the ids were not unique")
+
+
+def write_results_json(results: list[Captioned], path: str | os.PathLike) -> str:
+    """COCO results format, plus the file name so arbitrary images stay identifiable; ids unique (see
+    `result_ids`). Returns the note about the ids ("" when they come from the file names)."""
+    ids, note = result_ids(results)
+    write_json(path, [{"image_id": k, "caption": r.caption, "file_name": r.path}
+                      for k, r in zip(ids, (r for r in results if not r.error))])
+    return note
 
 
 def _thumbnail(path: str, size: int = 256) -> str:

@@ -24,19 +24,26 @@ from pipeline.decoder.decode import DecodeConfig, EvaluateConfig
 def caption(inputs, checkpoint, batch_size, encoder_weights, json_out, html_out, **options):
     """Caption image files: IMAGE, DIR or GLOB... Prints path<TAB>caption."""
     from pipeline.caption.caption import caption_images, write_html, write_results_json
+    from pipeline.core.errors import PipelineError
     from pipeline.core.storage import reporting_disk_errors
 
     cfg, _ = DecodeConfig.pick(options)
     results = caption_images(checkpoint, list(inputs), cfg, batch_size=batch_size, encoder_weights=encoder_weights)
+    bad = sum(1 for r in results if r.error)
+    if bad == len(results):  # nothing to write: an empty JSON or page would pass for a result
+        print_results(results)
+        raise PipelineError(f"none of the {len(results)} images could be captioned (each is unreadable, see the "
+                            f"`skipped` lines above): nothing written; pass image files PIL can read")
     # The files first: a reader that stops early (`| head`) must not cost the page or the JSON.
     if json_out:
         with reporting_disk_errors(json_out, "free space, or choose another --json"):
-            write_results_json(results, json_out)
+            note = write_results_json(results, json_out)
+        if note:
+            click.echo(f"note: {note}", err=True)
     if html_out:
         with reporting_disk_errors(html_out, "free space, or choose another --html"):
             write_html(results, html_out)
     print_results(results)
-    bad = sum(1 for r in results if r.error)
     click.echo(f"captioned {len(results) - bad} images, {bad} unreadable", err=True)
 
 

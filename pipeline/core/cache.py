@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pipeline.core.errors import PipelineError
 
 FEATURES_NAME = "features.h5"
 LABELS_NAME = "labels.h5"
+VOCAB_NAME = "vocab.json"  # here, not only in vocab.py, so that extract can name it without importing nltk
 
 
 def checksummed(n_rows: int) -> dict:
@@ -87,15 +89,50 @@ def cache_member(path: str | os.PathLike, name: str, what: str) -> Path:
     return path
 
 
-def read_features_attrs(path: str | os.PathLike) -> dict:
-    """The attributes of an existing features.h5 (one clear error if it is not one)."""
+UNKNOWN_REBUILD = "the `pipeline extract` command that made it, plus --force"
+
+
+def read_features_attrs(path: str | os.PathLike, rebuild: str = "") -> dict:
+    """The attributes of an existing features.h5 (one clear error if it is not one, saying to run `rebuild`:
+    a command that writes it again, when the caller knows one; see `extract_command`)."""
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
             return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     except OSError as e:
-        raise PipelineError(f"{path} is not a readable HDF5 file ({e}): delete it, or rerun extract with --force") from None
+        how = f"`{rebuild}`" if rebuild else UNKNOWN_REBUILD
+        raise PipelineError(f"{path} is not a readable HDF5 file ({e}): rebuild it with {how}") from None
+
+
+def weights_flag(spec: EncoderSpec) -> str:
+    """The --weights value that gives `spec`'s record again: the torchvision weights' own name
+    (imagenet:ResNet18_Weights.IMAGENET1K_V1 -> IMAGENET1K_V1), none, or the local file's path."""
+    kind, _, named = spec.weights.partition(":")
+    if kind == "imagenet":
+        return named.rsplit(".", 1)[-1]
+    if kind == "none":
+        return "none"
+    return spec.weights_path or named  # a file: where it was when the features were made
+
+
+def extract_command(cache_dir: str | os.PathLike, spec: EncoderSpec, dtype: str,
+                    out: str | os.PathLike | None = None) -> str:
+    """The `pipeline extract ... --force` command that rebuilds a feature file holding `spec`'s features in
+    `dtype`: every setting that decides them spelled out, since extract's defaults (resnet152, imagenet)
+    would build another cache. Messages about a damaged or unusable cache quote it."""
+    q = shlex.quote
+    where = f" --out {q(str(out))}" if out is not None and Path(out) != Path(cache_dir) / FEATURES_NAME else ""
+    return (f"pipeline extract --cache-dir {q(str(cache_dir))}{where} --arch {spec.arch} --weights "
+            f"{q(weights_flag(spec))} --resize {spec.resize} --crop {spec.crop} --interpolation {spec.interpolation}"
+            f"{'' if spec.draft else ' --no-draft'} --dtype {dtype} --force")
+
+
+def rebuild_command(cache_dir: str | os.PathLike, attrs: dict, out: str | os.PathLike | None = None,
+                    dtype: str | None = None) -> str:
+    """`extract_command` for the feature file whose attributes (read_features_attrs: every file extract writes
+    holds the encoder record) are `attrs`, in its own dtype unless `dtype` says another."""
+    return extract_command(cache_dir, EncoderSpec.from_dict(attrs), dtype or str(attrs.get("dtype", "float16")), out)
 
 
 def describe_difference(old: dict, new: dict) -> str:

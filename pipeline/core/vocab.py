@@ -18,11 +18,10 @@ from collections.abc import Iterable, Sequence
 
 from nltk.tokenize import TreebankWordTokenizer
 
-from pipeline.core.cache import cache_member
+from pipeline.core.cache import VOCAB_NAME, cache_member
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import read_json, sha256_json, write_json
 
-VOCAB_NAME = "vocab.json"
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 

@@ -23,7 +23,7 @@ import struct
 import torch
 import torch.nn.functional as F
 
-from pipeline.encoder.images import Preprocess, start_loader
+from pipeline.encoder.images import Preprocess, open_regular, start_loader
 
 _SOF_BASELINE = (0xC0, 0xC1)  # baseline, extended sequential Huffman: what nvJPEG decodes
 _SOF_OTHER = (0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)  # progressive, lossless, arithmetic
@@ -91,14 +91,14 @@ class JpegFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            with open(self.paths[i], "rb") as f:
+            with open_regular(self.paths[i]) as f:  # never a FIFO or device: those would block or never end
                 data = f.read()
             w, h, _, why = jpeg_info(data)
             if not why and w > 0 and h > 0:
                 self.preprocess.check_size(w, h)
                 return i, ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)), ""
         except (OSError, ValueError):
-            pass  # the CPU path records why
+            pass  # the CPU path records why (it refuses a FIFO or device by its kind, as open_regular does)
         image, error = self.preprocess(self.paths[i])
         return i, ("image", image), error
 

@@ -10,6 +10,8 @@ encoder, which keeps worker->main transfers 4x smaller than float32 and lets the
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 
@@ -25,6 +27,47 @@ DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; larger files are refused as "abs
 # scales the longer one by the same factor: a 1x20000 strip (164 bytes as a PNG) would become
 # 256x5120000 pixels, gigabytes. Real photos, panoramas included, stay far below this.
 MAX_ASPECT_RATIO = 25
+
+# What a folder of images holds, for `caption DIR` and globs: every suffix this machine's Pillow decodes among
+# the picture formats (not the PDF/EPS/MPEG/HDF5 names Pillow also registers: a cache folder holds .h5 files).
+# Extract reads whatever the manifest names through the same `Preprocess.load`, so both accept the same files.
+_PICTURE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".dib", ".gif", ".webp", ".tif",
+                     ".tiff", ".avif", ".avifs", ".heic", ".heif", ".qoi", ".tga", ".ppm", ".pgm", ".pbm", ".pnm",
+                     ".jp2", ".j2k", ".jpx", ".jpf", ".ico", ".pcx", ".sgi", ".ras", ".psd", ".mpo")
+Image.init()
+IMAGE_EXTENSIONS = frozenset(s for s in _PICTURE_SUFFIXES if s in Image.registered_extensions())
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def not_regular(mode: int) -> str:
+    """"" for a regular file's st_mode, else why it is no image file: "not a regular file (a FIFO)"."""
+    if stat.S_ISREG(mode):
+        return ""
+    kind = next((name for test, name in _KINDS if test(mode)), "an unknown kind of file")
+    return f"not a regular file ({kind})"
+
+
+def open_regular(path: str):
+    """`path` opened for binary reading, or ValueError when it is no regular file (FIFO, socket, device, folder).
+
+    A FIFO would block open() until a writer comes, forever in a DataLoader worker; a device could be read
+    without end. So the kind is checked by stat before any open, and again on the descriptor (opened
+    non-blocking, so a file swapped for a FIFO in between cannot block either)."""
+    why = not_regular(os.stat(path).st_mode)
+    if why:
+        raise ValueError(why)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        why = not_regular(os.fstat(fd).st_mode)
+        if why:
+            raise ValueError(why)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def check_aspect(w: int, h: int) -> None:
@@ -71,13 +114,15 @@ class Preprocess:
 
     def load(self, path: str) -> Image.Image:
         """Decode `path` to an RGB PIL image, upright (EXIF), at the smallest size that still covers `resize`."""
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open_regular(path) as fp:
             # PIL warns (rather than raises) between max_pixels and 2x max_pixels: treat both as refusal.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
-                img = Image.open(path)
+                img = Image.open(fp)
             except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
                 raise ValueError(f"image too large ({e})") from None
+            except Image.UnidentifiedImageError:  # PIL names the descriptor it was given: name the file
+                raise Image.UnidentifiedImageError(f"cannot identify image file {path!r}") from None
             w, h = img.size
             self.check_size(w, h)
             source = img.size

@@ -16,7 +16,7 @@ from pipeline.core import paths
 from pipeline.core.cache import EncoderSpec, describe_difference
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import write_json
-from pipeline.core.manifest import SPLITS
+from pipeline.core.manifest import SPLITS, check_cache_captions
 from pipeline.core.runtime import choose_device, tune
 from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
 from pipeline.decoder.data import CaptionData, load_cache
@@ -102,6 +102,7 @@ def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = paths
     started = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     data = load_cache(cache_dir)
+    check_cache_captions(cache_dir, data.manifest)  # the references are manifest.json's text: still prepare's?
     check_compatible(ckpt, data, str(checkpoint))
     dev = choose_device(cfg.device)
     tune(dev, fixed_shapes=False)  # beam search: shapes vary
@@ -124,7 +125,11 @@ def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = paths
     references = {images[int(r)].id: list(images[int(r)].captions) for r in rows}
     missing = [i for i, refs in references.items() if not refs]
     if missing:
-        raise PipelineError(f"{len(missing)} images of split {split!r} have no reference captions (e.g. id {missing[0]})")
+        raise PipelineError(f"{len(missing)} images of split {split!r} have no reference captions (e.g. id {missing[0]}): "
+                            f"their captions were missing or empty in the annotations (prepare's summary counts them "
+                            f"as left with no caption), so there is nothing to score them against. Give them captions "
+                            f"in the annotation files and rerun `pipeline prepare --out-dir {cache_dir}`, or evaluate "
+                            f"another --split")
     report = score_captions(references, candidates, tokenizer=cfg.tokenizer)
     notes = list(report.notes) + ([overlap_note] if overlap_note else [])
     results = Path(results) if results else Path(out).parent / f"captions_{split}.json"

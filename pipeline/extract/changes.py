@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 
 import numpy as np
 
 STAT_KEYS = ("file_size", "mtime_ns", "sha256")
 VERIFY_CHOICES = ("stat", "hash")
+NOT_REGULAR = b"not-a-regular-file"  # the sha256 record of a FIFO, socket or device: pinned down, never read
 
 
 def _sha256(path: str) -> bytes:
@@ -28,7 +30,8 @@ def _sha256(path: str) -> bytes:
 
 def image_stats(paths: list[str], with_hash: bool) -> dict[str, np.ndarray]:
     """file_size (N,) int64, mtime_ns (N,) int64, sha256 (N,) S64 (b"" unless `with_hash`) of `paths`;
-    -1 / b"" for a file that cannot be read now."""
+    -1 / b"" for a file that cannot be read now; NOT_REGULAR as the hash of one that is no regular file (FIFO,
+    device): it is never read."""
     size = np.full(len(paths), -1, dtype=np.int64)
     mtime = np.full(len(paths), -1, dtype=np.int64)
     sha = np.zeros(len(paths), dtype="S64")
@@ -36,8 +39,8 @@ def image_stats(paths: list[str], with_hash: bool) -> dict[str, np.ndarray]:
         try:
             st = os.stat(p)
             size[i], mtime[i] = st.st_size, st.st_mtime_ns
-            if with_hash:
-                sha[i] = _sha256(p)
+            if with_hash:  # a FIFO is never read (it would block forever): decoding records why it failed
+                sha[i] = _sha256(p) if stat.S_ISREG(st.st_mode) else NOT_REGULAR
         except OSError:
             pass
     return {"file_size": size, "mtime_ns": mtime, "sha256": sha}

@@ -36,10 +36,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline.core import distributed, paths
-from pipeline.core.cache import FEATURES_NAME, EncoderSpec
+from pipeline.core.cache import FEATURES_NAME, LABELS_NAME, VOCAB_NAME, EncoderSpec, extract_command
 from pipeline.core.errors import PipelineError
 from pipeline.core.locks import hold
-from pipeline.core.manifest import Manifest, load_manifest
+from pipeline.core.manifest import MANIFEST_NAME, Manifest, load_manifest
 from pipeline.core.runtime import choose_device, default_workers
 from pipeline.core.storage import as_disk_error, disk_error, human_bytes, is_disk_error
 from pipeline.encoder.encoder import encode_images, load_encoder, make_spec
@@ -163,15 +163,41 @@ class Inputs:
     def settings(self) -> dict:
         return cache_settings(self.spec, self.preprocess, self.cfg.dtype, self.manifest)
 
+    def rebuild(self, out: Path, dtype: str | None = None) -> str:
+        """The command that rebuilds `out` with these settings (in `dtype` if given): what damage messages say."""
+        return extract_command(self.cache_dir, self.spec, dtype or self.cfg.dtype, out)
+
 
 def _plan(inputs: Inputs, parts: Parts, force: bool, retry_failed: bool, locks: contextlib.ExitStack) -> Plan:
     """Rank 0: read the manifest, take the lock of the feature file, clear a killed run's temp files, then plan."""
     manifest = inputs.manifest
+    refuse_input_as_out(parts.out, inputs.cache_dir, manifest)  # before its lock file or temps appear beside it
     locks.enter_context(hold(parts.out, "--out"))
     parts.remove_stale_temps()
     cfg = inputs.cfg
     return make_plan(parts, manifest, inputs.settings, inputs.spec.feature_dim, cfg.dtype, cfg.chunk_size, cfg.verify,
-                retry_failed, force, rebuild=f"pipeline extract --cache-dir {inputs.cache_dir} --force")
+                     retry_failed, force, rebuild=partial(inputs.rebuild, parts.out))
+
+
+def refuse_input_as_out(out: Path, cache_dir: Path, manifest: Manifest) -> None:
+    """Refuse (one line, before anything is written) an `out` that is one of extract's inputs: the cache's
+    manifest.json, vocab.json or labels.h5, or an image the manifest lists. Features written there (or the
+    --force that an "other settings" answer suggests) would destroy it. Compared as written and with every
+    symlink resolved, so `../cache/./manifest.json` or a linked folder is caught too."""
+    forms = {os.path.abspath(out), os.path.realpath(out)}
+    cache_files = {os.path.realpath(cache_dir / name): name for name in (MANIFEST_NAME, VOCAB_NAME, LABELS_NAME)}
+    hit = next((cache_files[f] for f in forms if f in cache_files), None)
+    if hit:
+        what = f"the cache's {hit}"
+    else:
+        dirs = [(os.path.abspath(d), os.path.realpath(d)) for d in manifest.image_dirs]
+        images = {os.path.normpath(os.path.join(d, rec.file)) for rec in manifest.images for d in dirs[rec.dir]}
+        hit = next((f for f in forms if f in images), None)
+        if hit is None:
+            return
+        what = "an image the manifest lists"
+    raise PipelineError(f"--out {out} is one of extract's inputs ({what}): features written there would destroy "
+                        f"it; choose another --out (by default they go to {cache_dir / FEATURES_NAME})")
 
 
 def _compute(inputs: Inputs, mine: list[Chunk], parts: Parts, dev: torch.device, progress: bool,
@@ -215,7 +241,7 @@ def _encode_chunks(inputs: Inputs, pending: list[Chunk], parts: Parts, dev: torc
     feats, errors = np.zeros((e - s, spec.feature_dim), dtype=np_dtype), [""] * (e - s)
     first: tuple[float, int] | None = None  # (time, images) at the end of the first batch
     for rows, out, errs in encode_images(encoder, images, dev, cfg.amp):
-        check_storable(out, cfg.dtype, spec.arch, [paths[r] for r in rows])
+        check_storable(out, cfg.dtype, spec.arch, [paths[r] for r in rows], inputs.rebuild(parts.out, "float32"))
         feats[rows - s] = out.astype(np_dtype)
         for j, err in zip(rows - s, errs):
             errors[j] = err
@@ -254,8 +280,10 @@ def _join(inputs: Inputs, parts: Parts, plan: Plan) -> ExtractSummary:
     return summary
 
 
-def check_storable(feats: np.ndarray, dtype: str, arch: str, paths: list[str]) -> None:
-    """Refuse features (B, D) float32 that are non-finite, or that `dtype` would store as inf.
+def check_storable(feats: np.ndarray, dtype: str, arch: str, paths: list[str],
+                   rebuild32: str = "pipeline extract (this command) --dtype float32 --force") -> None:
+    """Refuse features (B, D) float32 that are non-finite, or that `dtype` would store as inf (`rebuild32`:
+    the command that extracts them as float32 instead).
 
     Random-init resnet101/152 reach 2e5 and 4e8, beyond float16's 65504: stored silently, they turn
     into inf and the decoder's standardization makes every feature NaN."""
@@ -268,7 +296,7 @@ def check_storable(feats: np.ndarray, dtype: str, arch: str, paths: list[str]) -
     if (peaks > limit).any():
         j = int(np.argmax(peaks))
         raise PipelineError(f"{arch} features reach {peaks[j]:.3g} (e.g. {paths[j]}), beyond {dtype}'s largest value "
-                            f"{limit:.6g}, so they would be stored as inf: rerun with --dtype float32 --force")
+                            f"{limit:.6g}, so they would be stored as inf: rebuild it with `{rebuild32}`")
 
 
 def _summary_from_file(out: Path, up_to_date: bool) -> ExtractSummary:

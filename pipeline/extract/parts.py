@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,17 +201,18 @@ def _attrs(manifest: Manifest, spec: EncoderSpec, preprocess: Preprocess, settin
 
 
 def make_plan(parts: Parts, manifest: Manifest, settings: dict, feature_dim: int, dtype: str, chunk_size: int,
-         verify: str, retry_failed: bool, force: bool, rebuild: str) -> Plan:
+         verify: str, retry_failed: bool, force: bool, rebuild: Callable[[str], str]) -> Plan:
     """Rank 0, holding the lock of `parts.out`: refuse, report up to date, or list the chunks without a finished
-    part. An existing file with these settings is checked through (`rebuild`: the command that rebuilds it)
-    and updated; one with other settings is refused unless `force`."""
+    part. An existing file with these settings is checked through (`rebuild(dtype)`: the command that rebuilds
+    it with these settings in that dtype, see core.cache.extract_command) and updated; one with other settings
+    is refused unless `force`."""
     out = parts.out
     if out.exists() and not force:
-        old = settings_of(read_features_attrs(out))
+        old = settings_of(read_features_attrs(out, rebuild(dtype)))
         if old != settings:
             raise PipelineError(f"{out} was made with other settings ({describe_difference(old or {}, settings)}). "
                                 f"It is never reused or mixed: rerun with --force to rebuild it, or use --out for a second cache")
-        verify_features_file(out, rebuild)
+        verify_features_file(out, rebuild, dtype)
         return _plan_update(parts, manifest, settings, chunk_size, verify, retry_failed)
     if force:
         parts.remove()
@@ -278,11 +280,11 @@ def _check_space(out: Path, n: int, pending_rows: int, d: int, dtype: str) -> No
                      "free space, or use --out on a larger disk")
 
 
-def verify_features_file(path: Path, rebuild: str) -> None:
+def verify_features_file(path: Path, rebuild: Callable[[str], str], dtype: str) -> None:
     """Read `path` through once, block by block: HDF5 verifies each chunk's checksum (files written since
     checksums were added) and every valid row must be finite. Cheap next to extraction (~1 s per GB),
-    so an "up to date" answer is never given for a damaged file."""
-    with reading(path, rebuild), h5py.File(path, "r") as f:
+    so an "up to date" answer is never given for a damaged file. `rebuild(dtype)`: see make_plan."""
+    with reading(path, rebuild(dtype)), h5py.File(path, "r") as f:
         feats, valid = f["features"], f["valid"][:]
         f["image_ids"][:]
         step = max(1, (feats.chunks or (4096,))[0])
@@ -291,7 +293,7 @@ def verify_features_file(path: Path, rebuild: str) -> None:
             bad = ~np.isfinite(block).all(axis=1) & valid[s:s + step]
             if bad.any():
                 raise PipelineError(f"{path} holds non-finite features (inf/NaN) at row {s + int(np.argmax(bad))}: "
-                                    f"rebuild it with `{rebuild} --dtype float32`")
+                                    f"rebuild it with `{rebuild('float32')}`")
 
 
 def _version(module: str) -> str:

@@ -33,7 +33,7 @@ from pipeline.core.cache import LABELS_NAME, checksummed
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path
 from pipeline.core.locks import hold
-from pipeline.core.manifest import MANIFEST_NAME, SPLITS
+from pipeline.core.manifest import MANIFEST_NAME, SPLITS, captions_fingerprint
 from pipeline.core.storage import ensure_writable, remove_stale_temps, reporting_disk_errors
 from pipeline.core.vocab import VOCAB_NAME, Vocabulary, tokenize
 from pipeline.prepare.config import PrepareConfig
@@ -61,6 +61,8 @@ class PrepareSummary:
     vocab_source: str = ""  # the --vocab file the vocabulary came from ("": built from the train split)
     unmatched_captions: int = 0  # COCO: captions whose image_id names no image: left out
     outside_images: int = 0  # read from outside the image folders (allow_outside)
+    uncaptioned: dict[str, int] = field(default_factory=dict)  # split -> images left with no caption (kept)
+    uncaptioned_example: int | None = None  # the id of one of them
 
     def line(self) -> str:
         splits = ", ".join(f"{s} {self.split_images.get(s, 0)}" for s in SPLITS)
@@ -69,9 +71,16 @@ class PrepareSummary:
             extra += f", left out {self.unmatched_captions} captions of no listed image"
         if self.outside_images:
             extra += f", read {self.outside_images} images from outside the image folders (allow_outside)"
+        left = ""
+        n = sum(self.uncaptioned.values())
+        if n:
+            per_split = ", ".join(f"{s} {k}" for s, k in self.uncaptioned.items() if k)
+            left = (f" ({n} image{'s' if n != 1 else ''} left with no caption ({per_split}, e.g. id "
+                    f"{self.uncaptioned_example}) are kept for features and captioning, but evaluate cannot score "
+                    f"a split holding them: give them captions in the annotations and rerun prepare)")
         return (f"prepared {self.dataset}: {self.images} images ({splits}), {self.captions} captions, "
                 f"vocab {self.vocab_size} ({self._vocab_origin()}); skipped {self.skipped_images} "
-                f"missing images{extra}, dropped {self.dropped_empty} empty captions, cut {self.cut_captions} "
+                f"missing images{extra}, dropped {self.dropped_empty} empty captions{left}, cut {self.cut_captions} "
                 f"longer than {self.max_length} words ({self.train_fit_fraction:.1%} of train captions fit whole; "
                 f"99% need {self.train_length_p99}) -> {self.out_dir}")
 
@@ -199,6 +208,8 @@ def _prepare(cfg: PrepareConfig, out_dir: str | os.PathLike) -> PrepareSummary:
             f.attrs["vocab_size"] = len(vocab)
             f.attrs["vocab_fingerprint"] = vocab.fingerprint
             f.attrs["manifest_fingerprint"] = manifest.fingerprint
+            # the text of the captions encoded here: a manifest edited afterwards is refused (check_captions)
+            f.attrs["captions_fingerprint"] = captions_fingerprint(r.captions for r in manifest.images)
     manifest.save(out / MANIFEST_NAME)
 
     return PrepareSummary(
@@ -207,4 +218,6 @@ def _prepare(cfg: PrepareConfig, out_dir: str | os.PathLike) -> PrepareSummary:
         vocab_size=len(vocab), vocab_threshold=vocab_threshold, max_length=max_length,
         skipped_images=stats.missing_images, unsplit_images=stats.unsplit_images, dropped_empty=dropped,
         cut_captions=cut, train_fit_fraction=fit, train_length_p99=p99, vocab_source=cfg.vocab,
-        unmatched_captions=stats.unmatched_captions, outside_images=stats.outside_images)
+        unmatched_captions=stats.unmatched_captions, outside_images=stats.outside_images,
+        uncaptioned={s: k for s in SPLITS if (k := sum(1 for r in manifest.images if r.split == s and not r.captions))},
+        uncaptioned_example=next((r.id for r in manifest.images if not r.captions), None))
