@@ -9,10 +9,9 @@ Why these attributes: the demo encoder is a ResNet with seeded *random* weights 
 offline), global-average-pooled. A linear probe (ridge on standardised features, 1200 train images,
 300 test) on seeded random resnet18 features recovers, for this design: background 1.00, colour
 0.97, size 0.97, row 0.94, column 0.93, shape 0.83 (chance 0.33-0.5). Position survives the
-averaging because zero padding makes responses near the border differ. Shape is the weakest: the
-filled circle/square/triangle first tried gave only 0.70, so the shapes are now ring/square/star,
-whose edge textures differ more; and every caption also carries colour, and most carry size, place
-and background, which the features do keep.
+averaging because zero padding makes responses near the border differ. Shape is the weakest (filled
+circle/square/triangle probe at only 0.70, hence ring/square/star, whose edge textures differ more);
+every caption also carries colour, and most carry size, place and background, which the features keep.
 
 Layout written under `out_dir`:
 
@@ -246,7 +245,7 @@ def describe(scene: dict, rng: random.Random, n: int) -> list[str]:
             place=place_phrase(scene["row"], scene["column"], rng),
             bg=scene["background"],
         ))
-    # "a orange" -> "an orange", "a big" stays.
+    # "a" before a vowel becomes "an" (no word above starts with one; a word added later may).
     return [re.sub(r"\ba (?=[aeiou])", "an ", c) for c in captions]
 
 

@@ -51,7 +51,7 @@ class DecodeConfig(Settings):
     device: str = setting("auto", DEVICE_HELP)
 
 
-TOKENIZERS = ("auto", "ptb", "simple")  # pipeline.decoder.metrics.tokenize_captions implements them
+TOKENIZERS = ("auto", "ptb", "simple")  # pipeline.decoder.metrics.score_captions implements them
 
 
 @dataclass
