@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 test: venv
-	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/ruff check pipeline tests
 	$(BIN)/python -m pytest -q tests
 
 # The whole pipeline on generated demo data (no download): dvc repro, metrics, captions, HTML page.

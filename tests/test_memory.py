@@ -1,5 +1,5 @@
 """Training memory per rank: the features shared through one memory-mapped copy per machine, labels held
-compactly, raw captions read only where validation needs them. (Peak figures: bench/memory.py.)"""
+compactly, raw captions read only where validation needs them. (Peak figures: python -m pipeline.bench.memory.)"""
 
 from __future__ import annotations
 

@@ -9,10 +9,9 @@ Why these attributes: the demo encoder is a ResNet with seeded *random* weights 
 offline), global-average-pooled. A linear probe (ridge on standardised features, 1200 train images,
 300 test) on seeded random resnet18 features recovers, for this design: background 1.00, colour
 0.97, size 0.97, row 0.94, column 0.93, shape 0.83 (chance 0.33-0.5). Position survives the
-averaging because zero padding makes responses near the border differ. Shape is the weakest: the
-filled circle/square/triangle first tried gave only 0.70, so the shapes are now ring/square/star,
-whose edge textures differ more; and every caption also carries colour, and most carry size, place
-and background, which the features do keep.
+averaging because zero padding makes responses near the border differ. Shape is the weakest (filled
+circle/square/triangle probe at only 0.70, hence ring/square/star, whose edge textures differ more);
+every caption also carries colour, and most carry size, place and background, which the features keep.
 
 Layout written under `out_dir`:
 
@@ -27,10 +26,12 @@ split's folder, like COCO's `train2014/` layout.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import os
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
@@ -107,6 +108,35 @@ def make_demo_data(
     "vocabulary": sorted words}.
     """
     counts = {"train": n_train, "val": n_val, "test": n_test}
+    _check_arguments(counts, image_size, captions_per_image)
+    root = Path(out_dir)
+    ann_dir = root / "annotations"
+    result: dict = {"root": str(root), "image_dirs": {}, "annotations": {}, "attributes": {},
+                    "counts": dict(counts), "n_captions": {}}
+    vocab: set[str] = set()
+    image_ids, ann_ids = itertools.count(1), itertools.count(1)  # unique across the three splits
+    for split in SPLITS:
+        # A string seed is hashed with SHA-512 by `random`, so it is stable across processes
+        # (unlike hash()), and each split gets its own stream: changing n_train leaves the val/test
+        # pictures and captions alone (only their ids shift).
+        rng = random.Random(f"demo-data/{seed}/{split}")
+        split_dir = _make_folder(root / split)
+        images, annotations, attributes = _draw_split(split_dir, counts[split], image_size, captions_per_image,
+                                                      rng, image_ids, ann_ids)
+        vocab.update(word for a in annotations for word in a["caption"].split())
+        ann_path = ann_dir / f"captions_{split}.json"
+        attr_path = ann_dir / f"attributes_{split}.json"
+        write_json(attr_path, attributes)
+        write_json(ann_path, _coco_captions(split, seed, images, annotations))
+        result["image_dirs"][split] = str(split_dir)
+        result["annotations"][split] = str(ann_path)
+        result["attributes"][split] = str(attr_path)
+        result["n_captions"][split] = len(annotations)
+    result["vocabulary"] = sorted(vocab)
+    return result
+
+
+def _check_arguments(counts: dict, image_size, captions_per_image) -> None:
     for split, n in counts.items():
         if not isinstance(n, int) or n < 1:
             raise PipelineError(f"demo data: n_{split} must be a positive integer, got {n!r}")
@@ -115,51 +145,42 @@ def make_demo_data(
     if not 1 <= captions_per_image <= len(_TEMPLATES):
         raise PipelineError(f"demo data: captions_per_image must be 1..{len(_TEMPLATES)}, got {captions_per_image}")
 
-    root = Path(out_dir)
-    ann_dir = root / "annotations"
-    result: dict = {"root": str(root), "image_dirs": {}, "annotations": {}, "attributes": {},
-                    "counts": dict(counts), "n_captions": {}}
-    vocab: set[str] = set()
-    next_image_id, next_ann_id = 1, 1
-    for split in SPLITS:
-        # A string seed is hashed with SHA-512 by `random`, so it is stable across processes
-        # (unlike hash()), and each split gets its own stream: changing n_train leaves the val/test
-        # pictures and captions alone (only their ids shift).
-        rng = random.Random(f"demo-data/{seed}/{split}")
-        split_dir = root / split
-        try:
-            split_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise PipelineError(f"demo data: cannot create {split_dir}: {e}; pick another output folder") from e
-        images, annotations, attributes = [], [], {}
-        for _ in range(counts[split]):
-            image_id, next_image_id = next_image_id, next_image_id + 1
-            scene = sample_scene(rng)
-            file_name = f"demo_{image_id:06d}.jpg"
-            (split_dir / file_name).write_bytes(render_jpeg(scene, image_size, rng))
-            images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
-            attributes[str(image_id)] = scene
-            for caption in describe(scene, rng, captions_per_image):
-                annotations.append({"id": next_ann_id, "image_id": image_id, "caption": caption})
-                next_ann_id += 1
-                vocab.update(caption.split())
-        ann_path = ann_dir / f"captions_{split}.json"
-        attr_path = ann_dir / f"attributes_{split}.json"
-        write_json(attr_path, attributes)
-        write_json(ann_path, {
-            "info": {"description": f"pipeline synthetic shapes demo ({split}, seed {seed})",
-                     "version": "1.0", "year": 2024, "contributor": "pipeline.demo_data",
-                     "url": "", "date_created": "2024-01-01"},
-            "licenses": [],
-            "images": images,
-            "annotations": annotations,
-        })
-        result["image_dirs"][split] = str(split_dir)
-        result["annotations"][split] = str(ann_path)
-        result["attributes"][split] = str(attr_path)
-        result["n_captions"][split] = len(annotations)
-    result["vocabulary"] = sorted(vocab)
-    return result
+
+def _make_folder(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PipelineError(f"demo data: cannot create {path}: {e}; pick another output folder") from e
+    return path
+
+
+def _draw_split(split_dir: Path, n: int, image_size: int, captions_per_image: int, rng: random.Random,
+                image_ids: Iterator[int], ann_ids: Iterator[int]) -> tuple[list, list, dict]:
+    """Draw n scenes, write their JPEGs into split_dir and caption them, taking ids from the two counters
+    -> (COCO "images" entries, COCO "annotations" entries, {image id: scene})."""
+    images, annotations, attributes = [], [], {}
+    for _ in range(n):
+        image_id = next(image_ids)
+        scene = sample_scene(rng)
+        file_name = f"demo_{image_id:06d}.jpg"
+        (split_dir / file_name).write_bytes(render_jpeg(scene, image_size, rng))
+        images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
+        attributes[str(image_id)] = scene
+        for caption in describe(scene, rng, captions_per_image):
+            annotations.append({"id": next(ann_ids), "image_id": image_id, "caption": caption})
+    return images, annotations, attributes
+
+
+def _coco_captions(split: str, seed: int, images: list, annotations: list) -> dict:
+    """A captions file in cocodataset.org's format, with fixed info (no timestamps)."""
+    return {
+        "info": {"description": f"pipeline synthetic shapes demo ({split}, seed {seed})",
+                 "version": "1.0", "year": 2024, "contributor": "pipeline.demo_data",
+                 "url": "", "date_created": "2024-01-01"},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+    }
 
 
 def sample_scene(rng: random.Random) -> dict:
@@ -224,7 +245,7 @@ def describe(scene: dict, rng: random.Random, n: int) -> list[str]:
             place=place_phrase(scene["row"], scene["column"], rng),
             bg=scene["background"],
         ))
-    # "a orange" -> "an orange", "a big" stays.
+    # "a" before a vowel becomes "an" (no word above starts with one; a word added later may).
     return [re.sub(r"\ba (?=[aeiou])", "an ", c) for c in captions]
 
 

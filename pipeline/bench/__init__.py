@@ -1,1 +1,2 @@
-"""`pipeline bench ...`: throughput and quality benchmarks with targets that can fail."""
+"""`pipeline bench ...` and the benchmark scripts: speed/memory benchmarks and ablation/quality runs, with
+targets that can fail (cli.py lists which is which)."""

@@ -1,15 +1,16 @@
-"""Benchmarks that print their figures and ratios (speed targets live here, never in unit tests).
+"""Speed benchmarks: each times a stage against its compute limit and prints figures and ratios (the
+targets they are held to are `pipeline bench` options, never unit tests).
 
 bench extract: bare encoder forward on already-decoded tensors (the compute limit) vs the full
                `extract` (decode, preprocess, forward, write) on the same images and settings.
 bench train:   bare decoder forward+backward+step on in-memory tensors of the same shapes (the limit)
                vs a `train` epoch from the cache, and vs the seed notebooks' way (the frozen ResNet run
                on decoded images at every step), with the speed-up of training from the cache.
-bench blind:   the decoder trained and evaluated twice the same way, once seeing the images and once
-               image-blind (every feature replaced by the mean feature); the ratio of their CIDEr says
-               how much the captions depend on the picture.
-"""
+bench scst:    an SCST step vs a cross-entropy step on the same cache, and the reward's share of the step.
 
+`bench blind` (an ablation: ablations.py) and `bench quality` (quality.py) measure caption quality, not
+speed; memory.py, cider_speed.py and draft_effect.py are standalone scripts (`python -m pipeline.bench.X`).
+"""
 from __future__ import annotations
 
 import os
@@ -29,7 +30,6 @@ from pipeline.core.runtime import autocast, choose_device, cpu_count, default_wo
 from pipeline.decoder.model import CaptionDecoder, ModelConfig
 from pipeline.encoder.encoder import build_encoder, encode_images, load_encoder, make_spec, set_layout
 from pipeline.encoder.images import Preprocess, image_batches
-from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.extract import extract
 from pipeline.train.config import TrainConfig
@@ -278,37 +278,6 @@ def _time_notebook_way(data, batches: list[torch.Tensor], cfg: TrainConfig, dev:
         trainer.step(Batch.of(data, b, dev, features=feats))
     _sync(dev)
     return time.perf_counter() - t0
-
-
-SCORE_KEYS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-
-
-def bench_blind(cache_dir: str = paths.CACHE_DIR, cfg: TrainConfig | None = None, ecfg: EvaluateConfig | None = None,
-                log=print) -> dict:
-    """Train with and without the images (same settings, same seed), evaluate both on `ecfg.split`.
-
-    Returns both score dicts and the CIDEr ratio seeing/blind.
-    """
-    from pipeline.evaluate.evaluate import evaluate
-    from pipeline.train.train import train
-
-    cfg, ecfg = cfg or TrainConfig(), ecfg or EvaluateConfig()
-    split = ecfg.split
-    scores = {}
-    with tempfile.TemporaryDirectory(prefix="bench-blind-") as tmp:
-        for name, blind in (("seeing", False), ("blind", True)):
-            t0 = time.perf_counter()
-            run = train(cache_dir, out=Path(tmp, name), metrics_dir=Path(tmp, name, "metrics"),
-                        cfg=replace(cfg, blind=blind), progress=False, log=lambda m: None)
-            ev = evaluate(Path(tmp, name, "best.pt"), cache_dir, ecfg, out=Path(tmp, name, "eval.json"),
-                          results=Path(tmp, name, "captions.json"))
-            scores[name] = ev.scores
-            log(f"  {name:<7} trained {run.epochs_run} epochs (best {run.best_epoch}), {time.perf_counter() - t0:.0f} s: "
-                + "  ".join(f"{k} {ev.scores[k]:.3f}" for k in SCORE_KEYS if k in ev.scores))
-    blind_cider = scores["blind"]["CIDEr"]
-    ratio = scores["seeing"]["CIDEr"] / blind_cider if blind_cider > 0 else float("inf")
-    log(f"  {split} CIDEr seeing / blind:     {ratio:.2f}x")
-    return {"split": split, "seeing": scores["seeing"], "blind": scores["blind"], "cider_ratio": ratio}
 
 
 def bench_scst(cache_dir: str = paths.CACHE_DIR, cfg=None, tcfg: TrainConfig | None = None, steps: int = 10,

@@ -1,4 +1,16 @@
-"""`pipeline bench ...`: benchmarks that print their figures and ratios and fail when a target is missed."""
+"""`pipeline bench ...`: each command prints its figures and ratios and fails when a target is missed.
+
+Benchmarks (speed and memory, against the compute limit; bench.py):
+    extract   full `extract` vs the bare encoder forward; limits: throughput ratio, peak memory per process
+    train     `train` from the cache vs the bare decoder step and vs the notebook way; limits: ratio, speed-up
+    scst      an SCST step vs a cross-entropy step; limit: the reward's share of the step
+Ablations and quality runs (caption scores, not speed):
+    blind     the decoder trained seeing the images and image-blind (ablations.py); limit: CIDEr ratio
+    quality   the whole pipeline on real photos (quality.py); limits: CIDEr, the ratio to a blind decoder
+Standalone scripts beside them: `python -m pipeline.bench.memory` (peak memory per training rank),
+`pipeline.bench.synthetic_cache` (a COCO-sized cache for it), `pipeline.bench.cider_speed`,
+`pipeline.bench.draft_effect`.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +27,8 @@ from pipeline.train.config import TrainConfig
 
 @click.group()
 def bench():
-    """Benchmarks that print their figures and ratios, and fail (exit status 1) when a target is missed."""
+    """Benchmarks (extract, train, scst: speed) and ablations/quality runs (blind, quality): each prints its
+    figures and fails (exit status 1) when a target is missed."""
 
 
 def check_targets(checks: list[tuple[str, float, float, str]]) -> None:
@@ -93,12 +106,12 @@ def bench_train_cmd(cache_dir, max_batches, notebook_batches, target_ratio, targ
               help="Least CIDEr ratio seeing / blind.")
 @click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the figures as JSON.")
 def bench_blind_cmd(cache_dir, target, json_out, **options):
-    """Train and evaluate the decoder seeing the images and image-blind; compare their CIDEr.
+    """An ablation: train and evaluate the decoder seeing the images and image-blind; compare their CIDEr.
 
     With `pipeline --params params.yaml bench blind`, both runs use params.yaml's train and evaluate
     settings, so the blind decoder is trained exactly as `dvc repro` trains the real one.
     """
-    from pipeline.bench.bench import bench_blind
+    from pipeline.bench.ablations import bench_blind
 
     cfg, rest = TrainConfig.pick(options)
     ecfg, _ = EvaluateConfig.pick(rest, prefix="eval_")

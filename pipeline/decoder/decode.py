@@ -51,7 +51,7 @@ class DecodeConfig(Settings):
     device: str = setting("auto", DEVICE_HELP)
 
 
-TOKENIZERS = ("auto", "ptb", "simple")  # pipeline.decoder.metrics.tokenize_captions implements them
+TOKENIZERS = ("auto", "ptb", "simple")  # pipeline.decoder.metrics.score_captions implements them
 
 
 @dataclass
@@ -149,6 +149,76 @@ def greedy_decode(model: StepModel, features: Tensor, max_length: int, start_id:
     return _hypotheses(words, n_words, logprob, score, ended)
 
 
+@dataclass
+class _Best:
+    """Beam search's best complete hypothesis of each image so far, as (B, ...) tensors."""
+
+    words: Tensor  # (B, L) its words, padded with end_id
+    n_words: Tensor  # (B,) words, <end> excluded
+    logprob: Tensor  # (B,)
+    score: Tensor  # (B,) -inf while the image has none
+    ended: Tensor  # (B,) whether it emitted <end>
+
+    @classmethod
+    def none_yet(cls, B: int, L: int, end_id: int, dev) -> _Best:
+        ninf = float("-inf")
+        return cls(words=torch.full((B, L), end_id, dtype=torch.long, device=dev),
+                   n_words=torch.zeros(B, dtype=torch.long, device=dev),
+                   logprob=torch.full((B,), ninf, dtype=torch.float32, device=dev),
+                   score=torch.full((B,), ninf, dtype=torch.float32, device=dev),
+                   ended=torch.zeros(B, dtype=torch.bool, device=dev))
+
+    def offer(self, t: int, done_now: Tensor, top_lp: Tensor, words: Tensor, is_end: Tensor, pen_n: Tensor,
+              rows: Tensor) -> None:
+        """The slots `done_now` (B, K) completed at step t (length n = t+1, penalty pen_n): per image the best
+        of them replaces the best so far when its score is strictly higher (earlier hypotheses win ties)."""
+        score = (top_lp / pen_n).masked_fill(~done_now, float("-inf"))  # (B, K)
+        k = score.argmax(dim=1)  # (B,) best completion per image (ties: higher raw log-prob)
+        better = score[rows, k] > self.score  # (B,)
+        self.score = torch.where(better, score[rows, k], self.score)
+        self.logprob = torch.where(better, top_lp[rows, k], self.logprob)
+        self.words = torch.where(better.unsqueeze(-1), words[rows, k], self.words)  # (B, L)
+        self.ended = torch.where(better, is_end[rows, k], self.ended)
+        self.n_words = torch.where(better, t + 1 - is_end[rows, k].long(), self.n_words)
+
+    def hypotheses(self) -> list[Hypothesis]:
+        return _hypotheses(self.words, self.n_words, self.logprob, self.score, self.ended)
+
+
+def _start_beams(model: StepModel, features: Tensor, K: int, start_id: int) -> tuple[tuple, Tensor, Tensor]:
+    """K slots per image in its initial state, only slot 0 live (so the K slots don't start as K copies)
+    -> (state with B*K rows, row b*K + k being slot k of image b; first input (B*K,); beam_lp (B, K))."""
+    B, dev = features.shape[0], features.device
+    state = model.init_state(features)  # each (..., B, ...)
+    state = tuple(s.index_select(1, torch.arange(B, device=dev).repeat_interleave(K)) for s in state)
+    inp = torch.full((B * K,), start_id, dtype=torch.long, device=dev)  # (B*K,)
+    beam_lp = torch.full((B, K), float("-inf"), dtype=torch.float32, device=dev)  # (B, K) log-prob of live beams
+    beam_lp[:, 0] = 0.0
+    return state, inp, beam_lp
+
+
+def _top_extensions(beam_lp: Tensor, alive: Tensor, logp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The top K of the K*V extensions of each image's live slots -> (log-prob, parent slot, word), each
+    (B, K), sorted best first; a dead slot's extensions are -inf even where logp is NaN."""
+    B, K = beam_lp.shape
+    V = logp.shape[-1]
+    cand = beam_lp.unsqueeze(-1) + logp.view(B, K, V)  # (B, K, V)
+    cand = cand.masked_fill(~alive.unsqueeze(-1), float("-inf"))
+    top_lp, top_idx = cand.view(B, K * V).topk(K, dim=1)  # (B, K)
+    return top_lp, top_idx // V, top_idx % V
+
+
+def _live_beams(top_lp: Tensor, unfinished: Tensor, best_score: Tensor, pen_rest: Tensor) -> tuple[Tensor, Tensor]:
+    """The slots that go on -> (alive (B, K), beam_lp (B, K), -inf where dead). Finished slots die; so does
+    every slot of an image none of whose descendants can strictly beat its best: they have log-prob <= beam_lp
+    (<= 0) and a length whose penalty is in pen_rest, so max beam_lp / max pen_rest bounds their score."""
+    ninf = float("-inf")
+    beam_lp = top_lp.masked_fill(~unfinished, ninf)  # (B, K)
+    bound = beam_lp.max(dim=1).values / pen_rest.max()  # (B,) best score any descendant can reach
+    alive = unfinished & (bound > best_score).unsqueeze(-1)  # (B, K)
+    return alive, beam_lp.masked_fill(~alive, ninf)
+
+
 @torch.inference_mode()
 def beam_search(model: StepModel, features: Tensor, beam_size: int, max_length: int, start_id: int,
                 end_id: int, length_penalty: float = 0.0, banned_ids: Sequence[int] = ()) -> list[Hypothesis]:
@@ -161,62 +231,32 @@ def beam_search(model: StepModel, features: Tensor, beam_size: int, max_length: 
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     B, K, L, dev = features.shape[0], beam_size, max_length, features.device
-    ninf = float("-inf")
     banned = torch.as_tensor(list(banned_ids), dtype=torch.long, device=dev)  # (nb,)
     pen = _penalty_table(L, length_penalty, dev)  # (L+1,)
     rows = torch.arange(B, device=dev)  # (B,)
-
-    state = model.init_state(features)  # each (..., B, ...)
-    state = tuple(s.index_select(1, rows.repeat_interleave(K)) for s in state)  # each (..., B*K, ...)
-    inp = torch.full((B * K,), start_id, dtype=torch.long, device=dev)  # (B*K,)
-    beam_lp = torch.full((B, K), ninf, dtype=torch.float32, device=dev)  # (B, K) log-prob of each live beam
-    beam_lp[:, 0] = 0.0  # one live beam at first, so the K slots don't start as K copies
+    state, inp, beam_lp = _start_beams(model, features, K, start_id)
     alive = beam_lp.isfinite()  # (B, K)
     words = torch.zeros(B, K, L, dtype=torch.long, device=dev)  # (B, K, L) tokens of each beam
-
-    best_words = torch.full((B, L), end_id, dtype=torch.long, device=dev)  # (B, L)
-    best_n = torch.zeros(B, dtype=torch.long, device=dev)  # (B,) words in best (excl. <end>)
-    best_lp = torch.full((B,), ninf, dtype=torch.float32, device=dev)  # (B,)
-    best_score = torch.full((B,), ninf, dtype=torch.float32, device=dev)  # (B,)
-    best_ended = torch.zeros(B, dtype=torch.bool, device=dev)  # (B,)
+    best = _Best.none_yet(B, L, end_id, dev)
 
     for t in range(L):
         logp, state = _step_logprobs(model, inp, state, banned)  # (B*K, V)
-        V = logp.shape[-1]
-        cand = beam_lp.unsqueeze(-1) + logp.view(B, K, V)  # (B, K, V)
-        cand = cand.masked_fill(~alive.unsqueeze(-1), ninf)  # dead slots: -inf even if logp is NaN there
-        top_lp, top_idx = cand.view(B, K * V).topk(K, dim=1)  # (B, K), sorted best first
-        parent, word = top_idx // V, top_idx % V  # (B, K), (B, K)
+        top_lp, parent, word = _top_extensions(beam_lp, alive, logp)  # each (B, K)
         words = words.gather(1, parent.unsqueeze(-1).expand(B, K, L))  # (B, K, L) histories follow parents
         words[:, :, t] = word
         finite = top_lp.isfinite()  # (B, K) -inf picks (dead or banned) are no hypotheses
         is_end = word == end_id  # (B, K)
-
         # complete hypotheses this step: <end> emitted, or max_length words reached; length n = t+1
-        done_now = finite & (is_end | (t == L - 1))  # (B, K)
-        score = (top_lp / pen[t + 1]).masked_fill(~done_now, ninf)  # (B, K)
-        k = score.argmax(dim=1)  # (B,) best completion per image (ties: higher raw log-prob)
-        better = score[rows, k] > best_score  # (B,) strict: earlier hypotheses win ties
-        best_score = torch.where(better, score[rows, k], best_score)
-        best_lp = torch.where(better, top_lp[rows, k], best_lp)
-        best_words = torch.where(better.unsqueeze(-1), words[rows, k], best_words)  # (B, L)
-        best_ended = torch.where(better, is_end[rows, k], best_ended)
-        best_n = torch.where(better, t + 1 - is_end[rows, k].long(), best_n)
+        best.offer(t, finite & (is_end | (t == L - 1)), top_lp, words, is_end, pen[t + 1], rows)
         if t == L - 1:
             break
-
-        alive = finite & ~is_end  # (B, K) finished slots die and are never extended
-        beam_lp = top_lp.masked_fill(~alive, ninf)  # (B, K)
-        # exact early stop: descendants have log-prob <= beam_lp (<= 0) and length in t+2..L
-        bound = beam_lp.max(dim=1).values / pen[t + 2:].max()  # (B,) best score any descendant can reach
-        alive &= (bound > best_score).unsqueeze(-1)  # (B, K)
-        beam_lp = beam_lp.masked_fill(~alive, ninf)
+        alive, beam_lp = _live_beams(top_lp, finite & ~is_end, best.score, pen[t + 2:])
         if not bool(alive.any()):
             break
         flat = (rows.unsqueeze(-1) * K + parent).view(-1)  # (B*K,) source row of each new slot
         state = tuple(s.index_select(1, flat) for s in state)  # each (..., B*K, ...)
         inp = word.view(-1)  # (B*K,) dead slots feed junk; their outputs are masked next step
-    return _hypotheses(best_words, best_n, best_lp, best_score, best_ended)
+    return best.hypotheses()
 
 
 @torch.inference_mode()

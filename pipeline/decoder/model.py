@@ -81,7 +81,7 @@ class CaptionDecoder(nn.Module):
 
         Two passes in float64 over `block` rows at a time: a COCO cache's 113k x 2048 training features
         would otherwise be copied whole into every rank, once as float16 and once as float64 (2.3 GB); a
-        block of 1024 x 2048 float64 is 16 MB in flight (8192 rows were 230 MB, each rank's peak)."""
+        block of 1024 x 2048 float64 is 16 MB in flight."""
         rows = torch.arange(len(features)) if rows is None else rows
         n = len(rows)
         blocks = torch.split(rows, block)

@@ -14,7 +14,7 @@ Outputs:  OUT/last.pt, OUT/best.pt
           METRICS/train.json        best epoch and its scores             (dvc metrics)
           METRICS/train.png         the curves of both, drawn with matplotlib (opens offline)
 
-Many processes (`torchrun --nproc_per_node N -m pipeline train ...`, see `pipeline.distributed`):
+Many processes (`torchrun --nproc_per_node N -m pipeline train ...`, see `pipeline.core.distributed`):
 DistributedDataParallel, one process per GPU (LOCAL_RANK) with nccl, or per CPU share with gloo.
 Every rank builds the same global batches and takes an interleaved slice of each, and scales its
 loss by its share of the batch's tokens, so DDP's gradient average is the gradient of the global

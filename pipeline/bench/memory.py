@@ -1,7 +1,7 @@
 """Peak memory per training rank with 1 and with 2 torchrun ranks (gloo, CPU) on one cache.
 
-    python bench/synthetic_cache.py /tmp/coco                      # COCO-sized, realistic captions
-    python bench/memory.py /tmp/coco [--steps 20] [--ranks 1 2] [--json out.json]
+    python -m pipeline.bench.synthetic_cache /tmp/coco       # COCO-sized, realistic captions
+    python -m pipeline.bench.memory /tmp/coco [--steps 20] [--ranks 1 2] [--json out.json]
 
 Each rank does what `pipeline train` does before and during its first steps: `train.setup` (load_cache,
 feature statistics, the DDP decoder, rank 0's validation references), then `--steps` training steps.
@@ -98,7 +98,7 @@ def launch(cache_dir: str, ranks: int, steps: int) -> list[dict]:
         out = Path(tmp, "rows.json")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               __file__, "--rank-main", cache_dir, "--steps", str(steps), "--out", str(out)]
+               "-m", "pipeline.bench.memory", "--rank-main", cache_dir, "--steps", str(steps), "--out", str(out)]
         subprocess.run(cmd, env=env, check=True)
         return json.loads(out.read_text())
 

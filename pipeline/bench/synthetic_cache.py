@@ -1,12 +1,12 @@
 """Write a COCO-shaped synthetic cache (manifest, vocab, labels.h5, features.h5) for decoder benchmarks.
 
-    python bench/synthetic_cache.py OUT_DIR [--images 123287] [--captions-per-image 5] [--vocab 10000]
+    python -m pipeline.bench.synthetic_cache OUT_DIR [--images 123287] [--captions-per-image 5] [--vocab 10000]
 
 Random features and captions with COCO's sizes (Karpathy split: 113k train images, 616k captions of
 8-15 words from a 10k-word vocabulary, 2048-d float16 features), written through the project's own file
-formats so `pipeline bench train --cache-dir OUT_DIR`, `pipeline train` and bench/memory.py read it like
-a real cache. The manifest carries the raw caption strings (as a real one does: they are most of its
-size), and labels.h5 holds exactly those captions' word ids. Nothing here is learnable.
+formats so `pipeline bench train --cache-dir OUT_DIR`, `pipeline train` and `python -m pipeline.bench.memory`
+read it like a real cache. The manifest carries the raw caption strings (as a real one does: they are most
+of its size), and labels.h5 holds exactly those captions' word ids. Nothing here is learnable.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """How much JPEG draft decoding changes extract's input pixels (the README's figure; not a test).
 
-    python bench/draft_effect.py [FOLDER_OF_JPEGS] [--resize 232 --crop 224] [--limit 200]
+    python -m pipeline.bench.draft_effect [FOLDER_OF_JPEGS] [--resize 232 --crop 224] [--limit 200]
 
 For every JPEG: the uint8 crop with draft on (libjpeg decodes at 1/2, 1/4 or 1/8 scale when that still
 covers the resize) against draft off (a full decode, pixel-identical to torchvision's Resize+CenterCrop).
@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.encoder.images import Preprocess
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared/data/flickr8k/fullsize"
+DEFAULT = Path(__file__).resolve().parents[3] / "shared/data/flickr8k/fullsize"  # ../shared beside the repo
 
 
 def main() -> None:

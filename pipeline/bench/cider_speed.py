@@ -1,10 +1,10 @@
 """The CIDEr-D reward's speed against pycocoevalcap's Cider on the same captions (an SCST batch's scoring).
 
-    python bench/cider_speed.py
+    python -m pipeline.bench.cider_speed
 
 Times CiderD.score on 128 images x 5 sampled captions (5 references each, a 10k-word vocabulary, document
 frequencies from a 20k-image synthetic corpus) and pycocoevalcap on the same input, and prints both with
-their largest difference. Moved out of pipeline/scst/cider.py: a benchmark is not part of the scst stage.
+their largest difference.
 """
 
 from __future__ import annotations
