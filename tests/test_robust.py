@@ -227,8 +227,11 @@ def test_captions_edited_after_prepare_are_caught(trained, tmp_path):
                               "--out", tmp_path / "eval.json", "--device", "cpu"))
     assert "captions" in line and "labels.h5" in line and f"pipeline prepare --out-dir {cache}" in line, line
 
-    from pipeline.core.manifest import check_captions, load_manifest  # the check load_cache can call
+    from pipeline.core.manifest import check_captions, load_manifest  # the check load_cache makes
+    from pipeline.decoder.data import load_cache
 
+    with pytest.raises(Exception, match="(?i)rerun `pipeline prepare"):
+        load_cache(cache, captions=False)  # train's and scst's load
     with h5py.File(cache / "labels.h5", "r") as f:
         attrs = dict(f.attrs)
     with pytest.raises(Exception, match="(?i)rerun `pipeline prepare"):

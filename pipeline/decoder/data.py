@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from pipeline.core import paths
-from pipeline.core.cache import FEATURES_NAME, LABELS_NAME, EncoderSpec, read_features_attrs, reading
+from pipeline.core.cache import FEATURES_NAME, LABELS_NAME, EncoderSpec, read_features_attrs, reading, rebuild_command
 from pipeline.core.errors import PipelineError
-from pipeline.core.manifest import SPLITS, Manifest, load_manifest
+from pipeline.core.manifest import SPLITS, Manifest, check_captions, load_manifest
 from pipeline.core.vocab import Vocabulary, tokenize
 from pipeline.decoder.shared_features import read_features
 
@@ -98,6 +98,8 @@ def load_cache(cache_dir: str | os.PathLike = paths.CACHE_DIR, features: str | o
         caption_image = torch.from_numpy(f["caption_image"].astype(np.int32)[:])
         image_split = torch.from_numpy(f["image_split"].astype(np.int8)[:])
         label_ids = f["image_ids"][:]
+    check_captions(manifest, la, cache_dir)
+    rebuild = rebuild_command(cache_dir, attrs, features_path)
 
     def refuse(what: str, fix: str):
         raise PipelineError(f"{cache_dir} does not hold one consistent cache: {what}. {fix}")
@@ -109,13 +111,13 @@ def load_cache(cache_dir: str | os.PathLike = paths.CACHE_DIR, features: str | o
         refuse(f"{labels_path.name} belongs to another manifest", "Rerun `pipeline prepare`")
     if attrs.get("manifest_fingerprint") != manifest.fingerprint:
         refuse(f"{features_path.name} was extracted from another manifest (other images or order)",
-               "Rerun `pipeline extract --force` on this cache")
-    with reading(features_path, f"pipeline extract --cache-dir {cache_dir} --force"), h5py.File(features_path, "r") as f:
+               f"Rerun `{rebuild}`")
+    with reading(features_path, rebuild), h5py.File(features_path, "r") as f:
         if not np.array_equal(f["image_ids"][:], label_ids) or f["features"].shape[0] != len(manifest.images):
-            refuse(f"{features_path.name} rows do not match the labels' images", "Rerun `pipeline extract --force`")
+            refuse(f"{features_path.name} rows do not match the labels' images", f"Rerun `{rebuild}`")
         feats = read_features(f["features"], features_path, str(attrs.get("settings_fingerprint", "")))  # (N, D)
         valid = torch.from_numpy(f["valid"][:].astype(bool))
-    check_finite_features(feats, valid, features_path, cache_dir)
+    check_finite_features(feats, valid, features_path, rebuild_command(cache_dir, attrs, features_path, dtype="float32"))
     encoder = EncoderSpec.from_dict(attrs)
     fingerprints = {"manifest": manifest.fingerprint, "vocab": vocab.fingerprint,
                     "features": str(attrs.get("settings_fingerprint", "")), "features_settings": settings}
@@ -123,7 +125,7 @@ def load_cache(cache_dir: str | os.PathLike = paths.CACHE_DIR, features: str | o
                        None if captions else cache_dir)
 
 
-def check_finite_features(feats: torch.Tensor, valid: torch.Tensor, path: Path, cache_dir: Path) -> None:
+def check_finite_features(feats: torch.Tensor, valid: torch.Tensor, path: Path, rebuild: str) -> None:
     """Refuse inf/NaN in valid rows: the decoder's feature standardization would turn every feature into
     NaN and training would go on (float16 overflow of large activations, or a damaged old cache)."""
     finite = torch.cat([torch.isfinite(b).all(dim=1) for b in torch.split(feats, 8192)]) if len(feats) else valid
@@ -131,8 +133,7 @@ def check_finite_features(feats: torch.Tensor, valid: torch.Tensor, path: Path, 
     if bool(bad.any()):
         n = int(bad.sum())
         raise PipelineError(f"{path} holds non-finite features (inf/NaN) in {n} image row(s), e.g. row "
-                            f"{int(bad.nonzero()[0])}: rebuild it with `pipeline extract --cache-dir {cache_dir} "
-                            f"--force --dtype float32` (float16 overflows beyond 65504)")
+                            f"{int(bad.nonzero()[0])}: rebuild it in float32 with `{rebuild}` (float16 overflows beyond 65504)")
 
 
 def length_grouped_batches(rows: torch.Tensor, lengths: torch.Tensor, batch_size: int,

@@ -146,8 +146,8 @@ class Trainer:
         if bool(bad):
             self.opt.zero_grad(set_to_none=True)
             raise PipelineError(f"training diverged: loss {float(loss.detach()):.4g}, gradient norm {float(grad_norm):.4g} "
-                                f"(non-finite); no checkpoint is written for it. Check the features "
-                                f"(`pipeline extract --force`) or lower --lr / set --clip")
+                                f"(non-finite); no checkpoint is written for it: lower --lr or set --clip (the cached "
+                                f"features were checked finite when they loaded)")
 
 
 def epoch_batches(data: CaptionData, rows: torch.Tensor, cfg: TrainConfig, epoch: int,
