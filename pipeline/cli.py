@@ -31,6 +31,13 @@ COMMANDS = {
 }
 
 
+# What to run after Ctrl-C: train and scst continue only when asked (a fresh run would start at epoch 1).
+CONTINUE = {"train": "rerun the same command with --resume to continue from the last finished epoch",
+            "scst": "rerun the same command with --resume to continue from the last finished epoch",
+            "extract": "rerun the same command to continue (finished chunks are kept)",
+            None: "rerun the same command to start again"}
+
+
 class Group(click.Group):
     """Loads commands lazily and turns user-fixable errors into one clear line instead of a traceback."""
 
@@ -61,7 +68,8 @@ class Group(click.Group):
             raise click.ClickException(str(disk_error(e, e.filename or "a file", "free space or fix the "
                                                       "permissions, or choose another output place"))) from None
         except KeyboardInterrupt:
-            click.echo("\ninterrupted: finished work is kept; rerun the same command to continue", err=True)
+            click.echo(f"\ninterrupted: finished work is kept; {CONTINUE.get(ctx.invoked_subcommand, CONTINUE[None])}",
+                       err=True)
             sys.exit(130)
 
 

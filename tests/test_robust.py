@@ -277,3 +277,43 @@ def test_caption_reads_a_folder_with_every_extension_extract_reads(trained, tmp_
     result = cli("caption", tmp_path, "--checkpoint", trained["ckpt"], "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "captioned 2 images, 0 unreadable" in result.output, result.output
+
+
+# ----------------------------------------------------------------------------- Ctrl-C advice that loses no work
+def interrupted_run(trained, tmp_path) -> Path:
+    """A copy of the module's checkpoint folder whose last.pt says it stopped after epoch 1 of 3 (what Ctrl-C
+    in epoch 2 of `--epochs 3` leaves)."""
+    import shutil
+
+    import torch
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(trained["ckpt"].parent, out)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt["epoch"], ckpt["train_state"]["epoch"], ckpt["train_config"]["epochs"] = 1, 1, 3
+    torch.save(ckpt, out / "last.pt")
+    return out
+
+
+def test_a_fresh_run_refuses_to_overwrite_an_unfinished_one(trained, tmp_path):
+    out = interrupted_run(trained, tmp_path)
+    before = (out / "last.pt").read_bytes()
+    args = ["train", "--cache-dir", trained["cache"], "--out", out, "--metrics-dir", tmp_path / "m", *TRAIN]
+    line = one_error_line(cli(*args))
+    assert "unfinished train run (stopped at epoch 1 of 3)" in line and "--resume" in line, line
+    assert (out / "last.pt").read_bytes() == before  # nothing overwritten
+    result = cli(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resuming from" in result.output
+
+
+def test_ctrl_c_advice_names_the_command_that_continues(trained, tmp_path, monkeypatch):
+    import pipeline.train.train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    result = cli("train", "--cache-dir", trained["cache"], "--out", tmp_path / "o", *TRAIN)
+    assert result.exit_code == 130
+    assert "rerun the same command with --resume" in result.output, result.output

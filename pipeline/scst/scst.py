@@ -101,6 +101,10 @@ class ScstRun(Run):
     def checkpoint_entry(self) -> dict:
         return {"scst": {"init": self.init, **asdict(self.cfg)}}
 
+    def unfinished(self, ckpt: dict) -> str | None:
+        epoch, epochs = ckpt.get("epoch", 0), ckpt.get("scst", {}).get("epochs")
+        return f"epoch {epoch} of {epochs}" if epochs and epoch < epochs else None
+
     def summary(self, state: ScstState) -> dict:
         last = state.history[-1] if state.history else {}
         return {"reward": last.get("reward"), "scst_seconds": round(state.seconds, 3)}

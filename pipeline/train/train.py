@@ -213,6 +213,12 @@ class TrainRun(Run):
     def checkpoint_entry(self) -> dict:
         return {"train_config": asdict(self.cfg)}
 
+    def unfinished(self, ckpt: dict) -> str | None:
+        planned, state = ckpt.get("train_config", {}), ckpt.get("train_state", {})
+        epoch, epochs, patience = ckpt.get("epoch", 0), planned.get("epochs"), planned.get("patience", 0)
+        stopped_early = bool(patience) and state.get("bad_epochs", 0) >= patience
+        return f"epoch {epoch} of {epochs}" if epochs and epoch < epochs and not stopped_early else None
+
     def summary(self, state: TrainState) -> dict:
         return {"train_seconds": round(state.seconds, 3),
                 "captions_per_second": round(state.captions / state.seconds, 1) if state.seconds else 0.0}

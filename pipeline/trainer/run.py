@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from pipeline.core import distributed
+from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import write_json
 from pipeline.core.runtime import choose_device, tune
 from pipeline.core.storage import reporting_disk_errors
@@ -90,6 +91,11 @@ class Run:
         """{NAME}.json's keys after best_epoch, the best scores, epochs and steps."""
         raise NotImplementedError
 
+    def unfinished(self, ckpt: dict) -> str | None:
+        """Where the run in checkpoint `ckpt` (a last.pt) stopped short of its own epochs ("epoch 2 of 3"), or
+        None when it finished (early stopping included) or does not say."""
+        raise NotImplementedError
+
     def plot(self, state: RunState) -> None:
         raise NotImplementedError
 
@@ -145,7 +151,10 @@ def resume(run: Run, wanted: bool, check: Callable[[dict], None], state_cls: typ
     """With `wanted` and a last.pt that passes `check` (which raises to refuse it): the restored state, on
     every rank; else None. Rank 0 decides for all, so they never disagree (or half refuse)."""
     def resumable() -> bool:
-        if not (wanted and run.last.exists()):
+        if not run.last.exists():
+            return False
+        if not wanted:
+            refuse_unfinished(run, load_checkpoint(run.last))
             return False
         check(load_checkpoint(run.last))
         return True
@@ -153,6 +162,15 @@ def resume(run: Run, wanted: bool, check: Callable[[dict], None], state_cls: typ
     if not run.dist.decide(resumable):
         return None
     return run.restore(load_checkpoint(run.last), state_cls)
+
+
+def refuse_unfinished(run: Run, ckpt: dict) -> None:
+    """A fresh run (no --resume) would overwrite OUT/last.pt: refuse when it holds an interrupted run, so
+    that rerunning the same command after Ctrl-C never throws its finished epochs away."""
+    stopped = run.unfinished(ckpt)
+    if stopped:
+        raise PipelineError(f"{run.last} holds an unfinished {run.NAME} run (stopped at {stopped}): continue it "
+                            f"with --resume, or start afresh into another --out (or delete {run.last})")
 
 
 def place(device: str, timeout_minutes: float | None = None) -> tuple[distributed.Context, torch.device]:
