@@ -15,6 +15,7 @@ on them, never on the test split.
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -111,12 +112,13 @@ def bench_quality(data_dir: str, recipe: str = "configs/flickr8k.yaml", work: st
     stage("prepare", lambda: prepare(replace(cfg["prepare"], annotations=[str(work_dir / "lists")],
                                              images=images or [str(data)]), cache))
     stage("extract", lambda: extract(cache, cfg["extract"], progress=False))
-    runs = {"cross-entropy": work_dir / "xe", "image-blind": work_dir / "blind"}
+    runs = {"cross-entropy": work_dir / "xe", "image-blind": work_dir / "blind", "SCST": work_dir / "scst"}
+    for folder in runs.values():  # every decoder is trained afresh (a killed earlier run's last.pt included)
+        shutil.rmtree(folder, ignore_errors=True)
     for name, blind in (("cross-entropy", False), ("image-blind", True)):
         stage(f"train {name}", lambda o=runs[name], b=blind: train(
             cache, out=o, metrics_dir=o / "metrics", cfg=replace(cfg["train"], blind=b), progress=False,
             log=lambda m: None))
-    runs["SCST"] = work_dir / "scst"
     stage("scst", lambda: scst(cache, init=runs["cross-entropy"] / "best.pt", out=runs["SCST"],
                                metrics_dir=runs["SCST"] / "metrics", cfg=cfg["scst"], progress=False,
                                log=lambda m: None))
