@@ -33,7 +33,7 @@ from pipeline.core.cache import LABELS_NAME, checksummed
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path
 from pipeline.core.locks import hold
-from pipeline.core.manifest import MANIFEST_NAME, SPLITS, captions_fingerprint
+from pipeline.core.manifest import MANIFEST_NAME, SPLITS, Manifest, captions_fingerprint
 from pipeline.core.storage import ensure_writable, remove_stale_temps, reporting_disk_errors
 from pipeline.core.vocab import VOCAB_NAME, Vocabulary, tokenize
 from pipeline.prepare.config import PrepareConfig
@@ -130,19 +130,37 @@ def prepare(cfg: PrepareConfig, out_dir: str | os.PathLike = paths.CACHE_DIR) ->
 
 
 def _prepare(cfg: PrepareConfig, out_dir: str | os.PathLike) -> PrepareSummary:
-    """`prepare`, under the lock of `out_dir`."""
+    """`prepare`, under the lock of `out_dir`: read, tokenize, build the vocabulary, encode, write."""
     cfg.check()
-    dataset, annotations, images = cfg.dataset, cfg.annotations, cfg.images
-    vocab_threshold, max_length, strict = cfg.vocab_threshold, cfg.max_length, cfg.strict
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise PipelineError(f"output path {out} exists and is not a folder: choose another --out-dir")
+    manifest, stats = read_dataset(cfg.dataset, cfg.annotations, cfg.images, strict=cfg.strict,
+                                   allow_outside=cfg.allow_outside)
+    tokens, dropped = _tokenize(manifest)
+    train_tokens = [t for rec, toks in zip(manifest.images, tokens) if rec.split == "train" for t in toks]
+    vocab = _vocabulary(cfg, train_tokens)
+    # Without a train split (an evaluation-only dataset), the length figures describe all its captions.
+    train_lengths = np.array([len(t) for t in (train_tokens or [t for toks in tokens for t in toks])])
+    fit = float(np.mean(train_lengths <= cfg.max_length)) if len(train_lengths) else 1.0
+    p99 = int(np.quantile(train_lengths, 0.99, method="inverted_cdf")) if len(train_lengths) else 0
+    labels, lengths, caption_image, cut = _encode(tokens, vocab, cfg.max_length)
+    _write(out, manifest, vocab, labels, lengths, caption_image, cfg.max_length)
+    return PrepareSummary(
+        out_dir=str(out), dataset=cfg.dataset, images=len(manifest.images),
+        split_images={s: len(manifest.indices(s)) for s in SPLITS}, captions=len(labels),
+        vocab_size=len(vocab), vocab_threshold=cfg.vocab_threshold, max_length=cfg.max_length,
+        skipped_images=stats.missing_images, unsplit_images=stats.unsplit_images, dropped_empty=dropped,
+        cut_captions=cut, train_fit_fraction=fit, train_length_p99=p99, vocab_source=cfg.vocab,
+        unmatched_captions=stats.unmatched_captions, outside_images=stats.outside_images,
+        uncaptioned={s: k for s in SPLITS if (k := sum(1 for r in manifest.images if r.split == s and not r.captions))},
+        uncaptioned_example=next((r.id for r in manifest.images if not r.captions), None))
 
-    manifest, stats = read_dataset(dataset, annotations, images, strict=strict, allow_outside=cfg.allow_outside)
 
-    # Tokenize once; drop captions with no words from the manifest too, so labels rows match it 1:1.
-    # Treebank tokenization costs ~0.3 ms a caption (minutes for COCO): show progress on a terminal,
-    # and tokenize each distinct caption once.
+def _tokenize(manifest: Manifest) -> tuple[list[list[list[str]]], int]:
+    """Every image's captions as word lists (manifest order), and how many captions had no words: those are
+    dropped from the manifest too, so labels rows match it 1:1. Treebank tokenization costs ~0.3 ms a
+    caption (minutes for COCO): progress shows on a terminal, and each distinct caption is tokenized once."""
     tokens: list[list[list[str]]] = []
     seen: dict[str, list[str]] = {}
     dropped = 0
@@ -160,27 +178,28 @@ def _prepare(cfg: PrepareConfig, out_dir: str | os.PathLike) -> PrepareSummary:
                 dropped += 1
         rec.captions = kept_text
         tokens.append(kept_toks)
+    return tokens, dropped
 
-    train_tokens = [t for rec, toks in zip(manifest.images, tokens) if rec.split == "train" for t in toks]
+
+def _vocabulary(cfg: PrepareConfig, train_tokens: list[list[str]]) -> Vocabulary:
+    """The vocabulary given (cfg.vocab), else the one the training captions make."""
     if cfg.vocab:
-        vocab = vocabulary_from(cfg.vocab)
-    elif not train_tokens:
+        return vocabulary_from(cfg.vocab)
+    if not train_tokens:
         raise PipelineError("no training captions found: the vocabulary is built from the train split, "
                             "so pass the training annotations too (e.g. captions_train2014.json), or pass "
                             "--vocab (a vocab.json or checkpoint) to encode a dataset only evaluated on")
-    else:
-        vocab = Vocabulary.build(train_tokens, vocab_threshold)
-    # Without a train split (an evaluation-only dataset), the length figures describe all its captions.
-    train_lengths = np.array([len(t) for t in (train_tokens or [t for toks in tokens for t in toks])])
-    fit = float(np.mean(train_lengths <= max_length)) if len(train_lengths) else 1.0
-    p99 = int(np.quantile(train_lengths, 0.99, method="inverted_cdf")) if len(train_lengths) else 0
+    return Vocabulary.build(train_tokens, cfg.vocab_threshold)
 
+
+def _encode(tokens: list[list[list[str]]], vocab: Vocabulary, max_length: int):
+    """Word lists -> labels (M, max_length) int32 0-padded, lengths (M,), caption_image (M,), and how many
+    captions were cut to max_length."""
     n_captions = sum(len(t) for t in tokens)
     labels = np.zeros((n_captions, max_length), dtype=np.int32)
     lengths = np.zeros(n_captions, dtype=np.int32)
     caption_image = np.zeros(n_captions, dtype=np.int32)
-    cut = 0
-    row = 0
+    cut, row = 0, 0
     for i, toks in enumerate(tokens):
         for t in toks:
             ids = vocab.encode(t)
@@ -191,9 +210,14 @@ def _prepare(cfg: PrepareConfig, out_dir: str | os.PathLike) -> PrepareSummary:
             lengths[row] = len(ids)
             caption_image[row] = i
             row += 1
+    return labels, lengths, caption_image, cut
+
+
+def _write(out: Path, manifest: Manifest, vocab: Vocabulary, labels, lengths, caption_image, max_length: int) -> None:
+    """vocab.json, labels.h5 (atomically, checksummed), then manifest.json."""
+    n_captions = len(labels)
     image_ids = np.array([r.id for r in manifest.images], dtype=np.int64)
     image_split = np.array([SPLIT_CODES[r.split] for r in manifest.images], dtype=np.uint8)
-
     out.mkdir(parents=True, exist_ok=True)
     vocab.save(out / VOCAB_NAME)
     with atomic_path(out / LABELS_NAME) as tmp:
@@ -212,12 +236,3 @@ def _prepare(cfg: PrepareConfig, out_dir: str | os.PathLike) -> PrepareSummary:
             f.attrs["captions_fingerprint"] = captions_fingerprint(r.captions for r in manifest.images)
     manifest.save(out / MANIFEST_NAME)
 
-    return PrepareSummary(
-        out_dir=str(out), dataset=dataset, images=len(manifest.images),
-        split_images={s: len(manifest.indices(s)) for s in SPLITS}, captions=n_captions,
-        vocab_size=len(vocab), vocab_threshold=vocab_threshold, max_length=max_length,
-        skipped_images=stats.missing_images, unsplit_images=stats.unsplit_images, dropped_empty=dropped,
-        cut_captions=cut, train_fit_fraction=fit, train_length_p99=p99, vocab_source=cfg.vocab,
-        unmatched_captions=stats.unmatched_captions, outside_images=stats.outside_images,
-        uncaptioned={s: k for s in SPLITS if (k := sum(1 for r in manifest.images if r.split == s and not r.captions))},
-        uncaptioned_example=next((r.id for r in manifest.images if not r.captions), None))
