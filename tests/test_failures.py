@@ -381,3 +381,26 @@ def test_checkpoint_content_is_validated_at_load(cache, tmp_path):
     other_encoder = {**good, "encoder": {**good["encoder"], "feature_dim": 2048}}
     line = caption_with("encoder.pt", other_encoder)
     assert "2048-value features but the decoder reads 512" in line, line
+
+
+def test_evaluate_refuses_a_read_only_or_full_out_before_decoding(cache, tmp_path, monkeypatch):
+    """Outputs are checked before the beam search (which never runs here), naming the option and the free space."""
+    assert cli("train", "--cache-dir", cache, "--out", tmp_path / "ckpt", "--metrics-dir", tmp_path / "m",
+               *TRAIN).exit_code == 0
+    import pipeline.evaluate.evaluate as evaluate_module
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoding started before the outputs were checked")
+
+    monkeypatch.setattr(evaluate_module, "decode", no_decoding)
+    args = ["evaluate", "--checkpoint", tmp_path / "ckpt" / "last.pt", "--cache-dir", cache, "--split", "val",
+            "--device", "cpu", "--tokenizer", "simple"]
+    with tmpfs(tmp_path / "ro", "1m", readonly=True) as ro:
+        line = one_error_line(cli(*args, "--out", ro / "eval.json"))
+        assert "read-only" in line and "--out" in line, line
+        line = one_error_line(cli(*args, "--out", tmp_path / "eval.json", "--results", ro / "captions.json"))
+        assert "read-only" in line and "--results" in line, line
+    with tmpfs(tmp_path / "full", "1m") as full:
+        fill(full, 0)
+        line = one_error_line(cli(*args, "--out", full / "eval.json"))
+        assert str(full) in line and ("free" in line or "space" in line), line

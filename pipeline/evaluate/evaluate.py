@@ -18,6 +18,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import write_json
 from pipeline.core.manifest import SPLITS, check_cache_captions
 from pipeline.core.runtime import choose_device, tune
+from pipeline.core.storage import check_free_space, ensure_writable, reporting_disk_errors
 from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
 from pipeline.decoder.data import CaptionData, load_cache
 from pipeline.decoder.decode import decode
@@ -84,6 +85,15 @@ def check_overlap(ckpt: dict, data: CaptionData, rows, split: str, where: str, a
     return f"{n} of the {len(rows)} scored images were in the checkpoint's training set" if n else None
 
 
+def check_outputs(out: Path, results: Path, n_images: int) -> None:
+    """Before any decoding: both output folders writable and with room (a results row is ~100 bytes), so
+    a read-only or full disk is refused at once, not after minutes of beam search."""
+    for path, flag in ((out, "--out"), (results, "--results")):
+        ensure_writable(path.parent, flag)
+        check_free_space(path.parent, 200 * n_images + 65536, f"{path.name} needs about", f"free space, or choose "
+                         f"another {flag}")
+
+
 def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = paths.CACHE_DIR, cfg: EvaluateConfig | None = None,
              out: str | os.PathLike = paths.EVAL_METRICS, results: str | os.PathLike | None = None,
              batch_size: int = 256, allow_overlap: bool = False) -> EvalSummary:
@@ -117,6 +127,8 @@ def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = paths
         present = [s for s in SPLITS if len(data.image_rows(s))]
         raise PipelineError(f"the cache has no valid images in split {split!r}: choose --split from {present}")
     overlap_note = check_overlap(ckpt, data, rows, split, str(checkpoint), allow_overlap)
+    results = Path(results) if results else Path(out).parent / f"captions_{split}.json"
+    check_outputs(Path(out), results, len(rows))
     hyps = decode(model, data.features[rows].to(dev).float(), beam_size=beam_size, max_length=max_length,
                   start_id=vocab.start_id, end_id=vocab.end_id, length_penalty=length_penalty,
                   banned_ids=(vocab.pad_id, vocab.start_id, vocab.unk_id), batch_size=batch_size)
@@ -132,13 +144,14 @@ def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = paths
                             f"another --split")
     report = score_captions(references, candidates, tokenizer=cfg.tokenizer)
     notes = list(report.notes) + ([overlap_note] if overlap_note else [])
-    results = Path(results) if results else Path(out).parent / f"captions_{split}.json"
-    write_json(results, [{"image_id": i, "caption": c} for i, c in candidates.items()])
+    with reporting_disk_errors(results, "free space, or choose another --results"):
+        write_json(results, [{"image_id": i, "caption": c} for i, c in candidates.items()])
     seconds = time.perf_counter() - started
     metrics = {**report.scores, "split": split, "images": len(rows), "split_images": split_images,
                "left_out": left_out, "beam_size": beam_size,
                "max_length": max_length, "length_penalty": length_penalty, "tokenizer": report.tokenizer,
                "checkpoint_epoch": int(ckpt["epoch"]), "notes": notes}
-    write_json(out, metrics)
+    with reporting_disk_errors(out, "free space, or choose another --out"):
+        write_json(out, metrics)
     return EvalSummary(split, len(rows), dict(report.scores), notes, seconds, str(out), str(results),
                        split_images, left_out)
