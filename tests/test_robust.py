@@ -317,3 +317,11 @@ def test_ctrl_c_advice_names_the_command_that_continues(trained, tmp_path, monke
     result = cli("train", "--cache-dir", trained["cache"], "--out", tmp_path / "o", *TRAIN)
     assert result.exit_code == 130
     assert "rerun the same command with --resume" in result.output, result.output
+
+
+def test_resume_with_other_settings_says_so(trained, tmp_path):
+    out = interrupted_run(trained, tmp_path)
+    result = cli("train", "--cache-dir", trained["cache"], "--out", out, "--metrics-dir", tmp_path / "m", *TRAIN,
+                 "--resume", "--lr", "0.0001")
+    assert result.exit_code == 0, result.output
+    assert "settings differ" in result.output and "lr 0.001 -> 0.0001" in result.output, result.output

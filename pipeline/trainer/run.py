@@ -161,7 +161,22 @@ def resume(run: Run, wanted: bool, check: Callable[[dict], None], state_cls: typ
 
     if not run.dist.decide(resumable):
         return None
-    return run.restore(load_checkpoint(run.last), state_cls)
+    ckpt = load_checkpoint(run.last)
+    (key, now), = run.checkpoint_entry().items()  # the stage's own settings, as its checkpoints record them
+    changed = changed_settings(now, ckpt.get(key, {}))
+    if changed:
+        run.log(f"--resume: settings differ from the run's own ({changed}); the rest of the run uses the new ones")
+    return run.restore(ckpt, state_cls)
+
+
+# Settings that may differ on resume without changing what is trained (where it runs, how it reports).
+QUIET_SETTINGS = frozenset({"device", "print_every", "dist_timeout", "epochs", "init"})
+
+
+def changed_settings(now: dict, then: dict) -> str:
+    """"lr 0.002 -> 0.001; ..." for the settings of `now` that `then` (a checkpoint's record) holds otherwise."""
+    keys = [k for k in now if k in then and k not in QUIET_SETTINGS and now[k] != then[k]]
+    return "; ".join(f"{k} {then[k]!r} -> {now[k]!r}" for k in keys)
 
 
 def refuse_unfinished(run: Run, ckpt: dict) -> None:
