@@ -325,3 +325,19 @@ def test_resume_with_other_settings_says_so(trained, tmp_path):
                  "--resume", "--lr", "0.0001")
     assert result.exit_code == 0, result.output
     assert "settings differ" in result.output and "lr 0.001 -> 0.0001" in result.output, result.output
+
+
+def test_scst_on_a_read_only_cache_keeps_the_document_frequencies_in_memory(trained, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from pipeline.decoder.data import load_cache
+    from pipeline.scst import cider
+
+    def read_only(self, path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    cache = copy_cache(trained["cache"], tmp_path / "c")
+    monkeypatch.setattr(cider.DocFreq, "save", read_only)
+    df = cider.load_or_build_df(cache, load_cache(cache))
+    assert df.n_images > 0 and not (cache / cider.DF_NAME).exists()
+    assert "kept in memory" in capsys.readouterr().err

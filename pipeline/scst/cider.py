@@ -23,6 +23,7 @@ file left from other labels is rebuilt.
 from __future__ import annotations
 
 import hashlib
+import sys
 import zipfile
 from collections import defaultdict
 from collections.abc import Sequence
@@ -280,7 +281,11 @@ def load_or_build_df(cache_dir: str | Path, data) -> DocFreq:
             pass  # a broken or foreign file is replaced below
     tokens, lengths, images = _split_references(data, "train")
     df = build_doc_freq(tokens, lengths, images, len(data.vocab), fingerprint)
-    df.save(path)
+    try:
+        df.save(path)
+    except OSError as e:  # a read-only or full cache: the file only saves rebuilding it next time
+        print(f"note: could not write {path} ({e.strerror or e}); the document frequencies are kept in memory "
+              f"for this run (rebuilt at each start until the cache is writable)", file=sys.stderr)
     return df
 
 
