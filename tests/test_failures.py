@@ -404,3 +404,23 @@ def test_evaluate_refuses_a_read_only_or_full_out_before_decoding(cache, tmp_pat
         fill(full, 0)
         line = one_error_line(cli(*args, "--out", full / "eval.json"))
         assert str(full) in line and ("free" in line or "space" in line), line
+
+
+def test_scst_on_a_disk_that_fills_is_one_line_and_keeps_its_last_checkpoint(cache, tmp_path, monkeypatch):
+    """The disk fills after scst's checks: its save fails in one line naming the file it keeps, as train's does
+    (before the shared run code it ended in `RuntimeError: ... unexpected pos`)."""
+    import pipeline.scst.scst as scst_module
+    import pipeline.trainer.outputs as outputs
+
+    assert cli("train", "--cache-dir", cache, "--out", tmp_path / "xe", "--metrics-dir", tmp_path / "mx",
+               *TRAIN).exit_code == 0
+    args = ["scst", "--cache-dir", cache, "--init", tmp_path / "xe" / "best.pt", "--metrics-dir", tmp_path / "ms",
+            "--batch-size", "6", "--samples", "2", "--max-length", "8", "--device", "cpu", "--quiet"]
+    with tmpfs(tmp_path / "small", "4m") as small:
+        out = small / "scst"
+        monkeypatch.setattr(scst_module, "check_room", lambda model, out: None)  # the disk fills up after the checks
+        monkeypatch.setattr(outputs, "ensure_writable", lambda folder, what: None)
+        fill(small, 4096)
+        line = one_error_line(cli(*args, "--epochs", "1", "--out", out))
+        assert "the disk is full" in line and str(out) in line, line
+        assert "unexpected pos" not in line and not list(out.glob(".*.tmp"))
