@@ -139,8 +139,12 @@ def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, repe
             decoded[rows] = imgs
         if dev.type == "cuda":
             decoded = decoded.pin_memory()
-        variants = bare_forward_variants(build_encoder(spec).to(dev), decoded, batches, dev, amp, log=log)
-    best = list(variants)[-1]
+        variants = {}
+        for name, fold in (("BatchNorm kept", False), ("BatchNorm folded", True)):  # extract runs folded
+            log(f"  {name}:")
+            found = bare_forward_variants(build_encoder(spec, fold=fold).to(dev), decoded, batches, dev, amp, log=log)
+            variants.update({f"{name}, {k}": v for k, v in found.items()})
+    best = max((k for k in variants if k.endswith("(all images)")), key=variants.get)
     bare = variants[best]
     steady = full.steady_images_per_second
     if not steady:  # one batch in all: there is no steady state to time

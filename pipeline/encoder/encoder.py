@@ -89,8 +89,9 @@ def make_spec(arch: str, weights: str, resize: int | None = None, crop: int | No
                        family.NAME)
 
 
-def build_encoder(spec: EncoderSpec, weights_file: str | os.PathLike | None = None) -> Encoder:
-    """Build the frozen encoder that `spec` describes (the weights file is checked against its sha256)."""
+def build_encoder(spec: EncoderSpec, weights_file: str | os.PathLike | None = None, fold: bool = True) -> Encoder:
+    """Build the frozen encoder that `spec` describes (the weights file is checked against its sha256), its
+    BatchNorm folded (`fold=False` keeps it: what `bench extract` compares the folded network with)."""
     family = family_of(spec.arch)
     kind, _, named = spec.weights.partition(":")
     if kind == "none":
@@ -102,7 +103,7 @@ def build_encoder(spec: EncoderSpec, weights_file: str | os.PathLike | None = No
     else:
         path = _weights_file(spec, weights_file)
         backbone = family.load_state(spec.arch, _read_state(path), path)
-    return Encoder(fold_batchnorm(backbone), family.MEAN, family.STD)
+    return Encoder(fold_batchnorm(backbone) if fold else backbone, family.MEAN, family.STD)
 
 
 def fold_batchnorm(backbone: nn.Module) -> nn.Module:
