@@ -85,6 +85,17 @@ def check_overlap(ckpt: dict, data: CaptionData, rows, split: str, where: str, a
     return f"{n} of the {len(rows)} scored images were in the checkpoint's training set" if n else None
 
 
+def check_references(references: dict, split: str, cache_dir) -> None:
+    """Refuse a split holding images without reference captions: there is nothing to score them against."""
+    missing = [i for i, refs in references.items() if not refs]
+    if missing:
+        raise PipelineError(f"{len(missing)} images of split {split!r} have no reference captions (e.g. id {missing[0]}): "
+                            f"their captions were missing or empty in the annotations (prepare's summary counts them "
+                            f"as left with no caption), so there is nothing to score them against. Give them captions "
+                            f"in the annotation files and rerun `pipeline prepare --out-dir {cache_dir}`, or evaluate "
+                            f"another --split")
+
+
 def check_outputs(out: Path, results: Path, n_images: int) -> None:
     """Before any decoding: both output folders writable and with room (a results row is ~100 bytes), so
     a read-only or full disk is refused at once, not after minutes of beam search."""
@@ -135,13 +146,7 @@ def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = paths
     images = data.manifest.images
     candidates = {images[int(r)].id: vocab.decode(h.tokens) for r, h in zip(rows, hyps)}
     references = {images[int(r)].id: list(images[int(r)].captions) for r in rows}
-    missing = [i for i, refs in references.items() if not refs]
-    if missing:
-        raise PipelineError(f"{len(missing)} images of split {split!r} have no reference captions (e.g. id {missing[0]}): "
-                            f"their captions were missing or empty in the annotations (prepare's summary counts them "
-                            f"as left with no caption), so there is nothing to score them against. Give them captions "
-                            f"in the annotation files and rerun `pipeline prepare --out-dir {cache_dir}`, or evaluate "
-                            f"another --split")
+    check_references(references, split, cache_dir)
     report = score_captions(references, candidates, tokenizer=cfg.tokenizer)
     notes = list(report.notes) + ([overlap_note] if overlap_note else [])
     with reporting_disk_errors(results, "free space, or choose another --results"):
