@@ -241,7 +241,8 @@ def test_checkpoint_with_unexpected_object_is_refused(cache, tmp_path):
 
 
 def test_cli_end_to_end(coco_dataset, tmp_path, monkeypatch):
-    """prepare -> extract -> train -> evaluate -> caption through the command line, as a user runs it."""
+    """prepare -> extract -> train -> scst -> evaluate -> caption through the command line with their default
+    paths, as a user runs it."""
     monkeypatch.chdir(tmp_path)
     cli = CliRunner()
 
@@ -256,6 +257,10 @@ def test_cli_end_to_end(coco_dataset, tmp_path, monkeypatch):
     ok("extract", "--arch", "resnet18", "--weights", "none", "--resize", "72", "--crop", "64", "--workers", "0", "--quiet")
     ok("train", "--epochs", "2", "--batch-size", "8", "--lr", "0.005", "--embed-size", "32", "--hidden-size", "48",
        "--quiet", "--device", "cpu")
+    # evaluate and caption default to SCST's checkpoint (the DVC layout): after train alone, the error says so
+    r = cli.invoke(main, ["evaluate", "--split", "val", "--tokenizer", "simple"])
+    assert r.exit_code == 1 and "`pipeline scst`" in r.output and "--checkpoint checkpoints/xe/best.pt" in r.output
+    ok("scst", "--epochs", "1", "--batch-size", "4", "--samples", "2", "--max-length", "8", "--device", "cpu", "--quiet")
     out = ok("evaluate", "--split", "val", "--tokenizer", "simple", "--beam-size", "2")
     assert "CIDEr" in out and json.loads(Path("metrics/eval.json").read_text())["images"] == 6
     bad = Path(img[1]) / "broken.jpg"

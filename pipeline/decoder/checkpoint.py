@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pipeline.core import paths
 from pipeline.core.cache import EncoderSpec
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path
@@ -67,10 +68,20 @@ def same_cache(ckpt: dict, data: CaptionData) -> bool:
     return cache.get("vocab") == data.fingerprints["vocab"] and cache.get("features") == data.fingerprints["features"]
 
 
+def _missing_hint(path: Path) -> str:
+    """What to do about a missing checkpoint: evaluate's and caption's default is SCST's best.pt, which a
+    cross-entropy run alone (train without scst) does not make."""
+    xe = Path(paths.XE_CHECKPOINT)
+    if path == Path(paths.FINAL_CHECKPOINT) and xe.is_file():
+        return (f"make it with `pipeline scst` (self-critical training from {xe}), or pass --checkpoint {xe} "
+                f"to use the cross-entropy decoder as it is")
+    return "train one with `pipeline train` (and `pipeline scst`), or pass --checkpoint"
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"no checkpoint at {path}: train one with `pipeline train`, or pass --checkpoint")
+        raise PipelineError(f"no checkpoint at {path}: {_missing_hint(path)}")
     if not _looks_like_torch_zip(path):
         raise PipelineError(f"{path} is not a checkpoint (not a file that torch.save writes): pass a last.pt or "
                             f"best.pt written by `pipeline train`")
