@@ -100,7 +100,7 @@ class MBConvBlock(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    """uint8-free core: normalised images (B, 3, S, S) -> feature map (B, 1280, S/32, S/32) by `features`,
+    """The whole network: normalised images (B, 3, S, S) -> feature map (B, 1280, S/32, S/32) by `features`,
     logits (B, 1000) by `forward` (the classifier is kept for the equality test and top-1 checks)."""
 
     def __init__(self, arch: str, num_classes: int = 1000):
