@@ -324,7 +324,7 @@ def test_resume_with_other_settings_says_so(trained, tmp_path):
     result = cli("train", "--cache-dir", trained["cache"], "--out", out, "--metrics-dir", tmp_path / "m", *TRAIN,
                  "--resume", "--lr", "0.0001")
     assert result.exit_code == 0, result.output
-    assert "settings differ" in result.output and "lr 0.001 -> 0.0001" in result.output, result.output
+    assert "settings differ" in result.output and "lr: 0.001 -> 0.0001" in result.output, result.output
 
 
 def test_scst_on_a_read_only_cache_keeps_the_document_frequencies_in_memory(trained, tmp_path, monkeypatch, capsys):

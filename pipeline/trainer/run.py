@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from pipeline.core import distributed
+from pipeline.core.cache import describe_difference
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import write_json
 from pipeline.core.runtime import choose_device, tune
@@ -163,7 +164,9 @@ def resume(run: Run, wanted: bool, check: Callable[[dict], None], state_cls: typ
         return None
     ckpt = load_checkpoint(run.last)
     (key, now), = run.checkpoint_entry().items()  # the stage's own settings, as its checkpoints record them
-    changed = changed_settings(now, ckpt.get(key, {}))
+    then = ckpt.get(key, {})
+    shared = [k for k in now if k in then and k not in QUIET_SETTINGS]  # settings an older record lacks: not news
+    changed = describe_difference({k: then[k] for k in shared}, {k: now[k] for k in shared})
     if changed:
         run.log(f"--resume: settings differ from the run's own ({changed}); the rest of the run uses the new ones")
     return run.restore(ckpt, state_cls)
@@ -172,11 +175,6 @@ def resume(run: Run, wanted: bool, check: Callable[[dict], None], state_cls: typ
 # Settings that may differ on resume without changing what is trained (where it runs, how it reports).
 QUIET_SETTINGS = frozenset({"device", "print_every", "dist_timeout", "epochs", "init"})
 
-
-def changed_settings(now: dict, then: dict) -> str:
-    """"lr 0.002 -> 0.001; ..." for the settings of `now` that `then` (a checkpoint's record) holds otherwise."""
-    keys = [k for k in now if k in then and k not in QUIET_SETTINGS and now[k] != then[k]]
-    return "; ".join(f"{k} {then[k]!r} -> {now[k]!r}" for k in keys)
 
 
 def refuse_unfinished(run: Run, ckpt: dict) -> None:
