@@ -56,7 +56,7 @@ def _read_list(path: Path) -> list[str]:
 
 def split_lists(data_dir: Path, out: Path, holdout: int, seed: int = 0) -> dict[str, int]:
     """Write the split lists the run uses into `out` (Flickr8k's names, so prepare reads them as dev -> val)
-    and link the token file; returns the image count of each split."""
+    beside a copy of the token file; returns the image count of each split."""
     missing = [n for n in (TOKENS, LISTS["train"], LISTS["dev"]) if not (data_dir / n).is_file()]
     if missing:
         raise PipelineError(f"{data_dir} is not a Flickr8k folder (no {', '.join(missing)}): get one with "
@@ -108,9 +108,9 @@ def bench_quality(data_dir: str, recipe: str = "configs/flickr8k.yaml", work: st
         log(f"{name}: {seconds[name]:.0f} s" + (f"  {result.line()}" if hasattr(result, "line") else ""))
         return result
 
-    images = [str(data / d) for d in ("Flicker8k_Dataset", "Flickr8k_Dataset", "images") if (data / d).is_dir()]
+    # DIR itself as the image folder: read_flickr8k also looks in its usual subfolders (Flicker8k_Dataset, images)
     stage("prepare", lambda: prepare(replace(cfg["prepare"], annotations=[str(work_dir / "lists")],
-                                             images=images or [str(data)]), cache))
+                                             images=[str(data)]), cache))
     stage("extract", lambda: extract(cache, cfg["extract"], progress=False))
     runs = {"cross-entropy": work_dir / "xe", "image-blind": work_dir / "blind", "SCST": work_dir / "scst"}
     for folder in runs.values():  # every decoder is trained afresh (a killed earlier run's last.pt included)
