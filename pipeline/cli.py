@@ -32,8 +32,8 @@ COMMANDS = {
 
 
 # What to run after Ctrl-C: train and scst continue only when asked (a fresh run would start at epoch 1).
-CONTINUE = {"train": "rerun the same command with --resume to continue from the last finished epoch",
-            "scst": "rerun the same command with --resume to continue from the last finished epoch",
+_RESUME = "rerun the same command with --resume to continue from the last finished epoch"
+CONTINUE = {"train": _RESUME, "scst": _RESUME,
             "extract": "rerun the same command to continue (finished chunks are kept)",
             None: "rerun the same command to start again"}
 
