@@ -101,8 +101,8 @@ def check_outputs(out: Path, results: Path, n_images: int) -> None:
     a read-only or full disk is refused at once, not after minutes of beam search."""
     for path, flag in ((out, "--out"), (results, "--results")):
         ensure_writable(path.parent, flag)
-        check_free_space(path.parent, 200 * n_images + 65536, f"{path.name} needs about", f"free space, or choose "
-                         f"another {flag}")
+        check_free_space(path.parent, 200 * n_images + 65536, f"{path.name} (about 200 bytes a scored image)",
+                         f"free space, or choose another {flag}")
 
 
 def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = paths.CACHE_DIR, cfg: EvaluateConfig | None = None,
