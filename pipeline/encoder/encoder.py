@@ -114,7 +114,7 @@ def fold_batchnorm(backbone: nn.Module) -> nn.Module:
         return backbone
     from torch.fx.experimental.optimization import fuse
 
-    return fuse(backbone.eval(), inplace=False)
+    return fuse(backbone.eval(), inplace=True)  # the backbone was just built for this encoder: no copy needed
 
 
 def _weights_file(spec: EncoderSpec, weights_file: str | os.PathLike | None) -> Path:
