@@ -220,3 +220,19 @@ def run_evaluate(checkpoint, cache_dir, out, results=None, **settings):
     from pipeline.evaluate.evaluate import evaluate
 
     return evaluate(checkpoint, cache_dir, EvaluateConfig(**settings), out=out, results=results)
+
+
+def run_train(cache_dir, out, metrics_dir, **settings):
+    """train() with its TrainConfig given as keywords, quietly."""
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.train import train
+
+    return train(cache_dir, out, metrics_dir, TrainConfig(**settings), progress=False, log=lambda m: None)
+
+
+def run_scst(cache_dir, init, out, metrics_dir, **settings):
+    """scst() with its ScstConfig given as keywords, quietly."""
+    from pipeline.scst.config import ScstConfig
+    from pipeline.scst.scst import scst
+
+    return scst(cache_dir, init, out, metrics_dir, ScstConfig(**settings), progress=False, log=lambda m: None)

@@ -38,8 +38,8 @@ import os, signal, sys
 from pipeline.cli import main
 from pipeline.extract.parts import Parts
 original = Parts.write_part
-def write_part(self, k, feats, errors):
-    original(self, k, feats, errors)
+def write_part(self, k, *args):
+    original(self, k, *args)
     with open(os.environ["PARTS_LOG"], "a") as f:
         f.write(f"{os.environ['RANK']} {k}\\n")
     if os.environ.get("KILL_RANK") == os.environ["RANK"]:

@@ -125,30 +125,32 @@ import os, signal, sys
 import pipeline.extract.extract as ex
 from pipeline.extract.parts import Parts
 original = Parts.write_part
-def write_then_die(self, k, feats, errors):
-    original(self, k, feats, errors)
+def write_then_die(self, k, *args):
+    original(self, k, *args)
     if k == 1:
         os.kill(os.getpid(), signal.SIGKILL)  # like a power cut right after chunk 1 is durable
 Parts.write_part = write_then_die
 from pipeline.extract.config import ExtractConfig
 ex.extract(sys.argv[1], ExtractConfig(arch="resnet18", weights="none", resize=72, crop=64, batch_size=3,
-           chunk_size=5, workers=0), out=sys.argv[2], progress=False)
+           chunk_size=5, workers=0, features=sys.argv[3], grid_size=3), out=sys.argv[2], progress=False)
 """
 
 
-def test_resume_after_kill_is_identical(prepared_cache):
+@pytest.mark.parametrize("features", ["pooled", "grid"])
+def test_resume_after_kill_is_identical(prepared_cache, features):
     out = prepared_cache / "resumed.h5"
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(prepared_cache), str(out)], capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(prepared_cache), str(out), features], capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     parts = sorted(p.name for p in (prepared_cache / "resumed.h5.parts").glob("part-*.npz"))
     assert parts == ["part-000000.npz", "part-000001.npz"] and not out.exists()
     # a different chunk size must not silently mix with the unfinished run
     with pytest.raises(PipelineError, match="unfinished extraction"):
         extract(prepared_cache, out=out, chunk_size=4, **{**SMALL, "batch_size": 3})
-    resumed = extract(prepared_cache, out=out, chunk_size=5, **{**SMALL, "batch_size": 3})
+    same = {**SMALL, "batch_size": 3, "features": features, "grid_size": 3}
+    resumed = extract(prepared_cache, out=out, chunk_size=5, **same)
     n = len(load_manifest(prepared_cache).images)
     assert resumed.computed == n - 10  # the two finished chunks were not redone
-    straight = extract(prepared_cache, out=prepared_cache / "straight.h5", chunk_size=5, **{**SMALL, "batch_size": 3})
+    straight = extract(prepared_cache, out=prepared_cache / "straight.h5", chunk_size=5, **same)
     assert straight.computed == n
     assert sha(out) == sha(prepared_cache / "straight.h5")
     assert not (prepared_cache / "resumed.h5.parts").exists()

@@ -27,7 +27,8 @@ from pipeline.caption.caption import expand_inputs
 from pipeline.core import distributed, paths
 from pipeline.core.manifest import ImageRecord, Manifest
 from pipeline.core.runtime import autocast, choose_device, cpu_count, default_workers, heap_allocations, tune
-from pipeline.decoder.model import CaptionDecoder, ModelConfig
+from pipeline.decoder.decoders import make_decoder
+from pipeline.decoder.model import ModelConfig
 from pipeline.encoder.encoder import build_encoder, encode_images, load_encoder, make_spec, set_layout
 from pipeline.encoder.images import Preprocess, image_batches
 from pipeline.extract.config import ExtractConfig
@@ -172,7 +173,7 @@ def bench_train(cache_dir: str = paths.CACHE_DIR, cfg: TrainConfig | None = None
     from pipeline.train.train import epoch_batches
 
     cfg = cfg or TrainConfig()
-    data = load_cache(cache_dir)
+    data = load_cache(cache_dir, grid=cfg.decoder == "attend")
     dev = choose_device(cfg.device)
     batches = epoch_batches(data, data.training_rows(cache_dir), cfg, 0, distributed.Context())
     if max_batches:
@@ -199,6 +200,8 @@ def bench_train(cache_dir: str = paths.CACHE_DIR, cfg: TrainConfig | None = None
     log(f"  notebook way ({data.encoder.arch} every step, {nb_caps} captions timed): {notebook:10.1f} captions/s "
         f"(~{n_caps / notebook:.0f} s per epoch)")
     log(f"  speed-up of the cache:            {res['speedup_vs_notebook']:10.1f}x")
+    if data.grid is not None:
+        res["attend_vs_showtell_step"] = _attend_vs_showtell(data, batches, cfg, dev, log)
     if dev.type == "cuda":
         log(f"  peak GPU memory: {torch.cuda.max_memory_allocated(dev) / 2**20:.0f} MB")
     return res
@@ -209,7 +212,32 @@ def _fresh_trainer(data, cfg: TrainConfig, dev: torch.device):
     from pipeline.train.train import Trainer
 
     torch.manual_seed(0)
-    return Trainer(CaptionDecoder(ModelConfig.of(cfg, data.encoder.feature_dim, len(data.vocab))), cfg, dev)
+    model = make_decoder(ModelConfig.of(cfg, data.encoder.feature_dim, len(data.vocab), data.encoder.grid_size))
+    model.fit_feature_stats(data.features, data.image_rows("train"), data.grid)
+    return Trainer(model, cfg, dev)
+
+
+def _attend_vs_showtell(data, batches: list[torch.Tensor], cfg: TrainConfig, dev: torch.device, log) -> float:
+    """Seconds of train's step of the attention decoder over the Show-and-Tell one's, on the same batches
+    (each read from the cache, the grid's rows from the file, as train does)."""
+    from dataclasses import replace
+
+    from pipeline.train.train import run_epoch
+
+    seconds = {}
+    for decoder in ("showtell", "attend"):
+        trainer = _fresh_trainer(data, replace(cfg, decoder=decoder), dev)
+        view = data if decoder == "attend" else replace(data, grid=None)  # Show-and-Tell reads pooled features
+        run_epoch(trainer, view, batches[:2])  # warm-up
+        _sync(dev)
+        t0 = time.perf_counter()
+        run_epoch(trainer, view, batches)
+        _sync(dev)
+        seconds[decoder] = time.perf_counter() - t0
+    ratio = seconds["attend"] / seconds["showtell"]
+    log(f"  train step, attend vs showtell:   {ratio:10.2f}x the time ({seconds['attend']:.1f} s vs "
+        f"{seconds['showtell']:.1f} s for {sum(len(b) for b in batches)} captions; target <= 3)")
+    return ratio
 
 
 def _bare_train_variants(data, batches: list[torch.Tensor], cfg: TrainConfig, dev: torch.device, log) -> dict:
@@ -271,7 +299,7 @@ def _time_notebook_way(data, batches: list[torch.Tensor], cfg: TrainConfig, dev:
     every step, then train's real step on those features."""
     from pipeline.trainer.batch import Batch
 
-    encoder = load_encoder(data.encoder, dev)
+    encoder = load_encoder(data.encoder, dev, grid_size=data.encoder.grid_size if data.grid is not None else 0)
     paths = [data.manifest.path_of(i) for i in range(len(data.manifest.images))]
     trainer = _fresh_trainer(data, cfg, dev)
     workers = default_workers(dev)
@@ -293,7 +321,7 @@ def bench_scst(cache_dir: str = paths.CACHE_DIR, cfg=None, tcfg: TrainConfig | N
     from pipeline.scst.config import ScstConfig
 
     cfg, tcfg = cfg or ScstConfig(), tcfg or TrainConfig()
-    data = load_cache(cache_dir)
+    data = load_cache(cache_dir, grid=tcfg.decoder == "attend")
     dev = choose_device(cfg.device)
     t0 = time.perf_counter()
     run, timer = _scst_run(data, cache_dir, cfg, tcfg, dev)
@@ -340,9 +368,10 @@ def _scst_run(data, cache_dir: str, cfg, tcfg: TrainConfig, dev: torch.device):
     from pipeline.scst.scst import ScstRun
 
     torch.manual_seed(0)
-    model_cfg = ModelConfig.of(tcfg, data.encoder.feature_dim, len(data.vocab))
-    model = CaptionDecoder(model_cfg).to(dev)
-    model.fit_feature_stats(data.features[data.image_rows("train")])
+    model_cfg = ModelConfig.of(tcfg, data.encoder.feature_dim, len(data.vocab), data.encoder.grid_size)
+    model = make_decoder(model_cfg)
+    model.fit_feature_stats(data.features, data.image_rows("train"), data.grid)
+    model.to(dev)
     timer = _TimedScorer(CiderD.from_data(load_or_build_df(cache_dir, data), data, "train"))
     train_images = torch.from_numpy(np.unique(data.caption_image[data.training_rows(cache_dir)].numpy())).long()
     run = ScstRun(cfg=cfg, data=data, model=model, opt=torch.optim.Adam(model.parameters(), lr=cfg.lr),

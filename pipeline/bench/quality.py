@@ -25,6 +25,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import write_json, write_text
 from pipeline.core.manifest import load_manifest
 from pipeline.core.settings import read_params
+from pipeline.decoder.checkpoint import load_checkpoint, needs_grid
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.evaluate import evaluate
 from pipeline.extract.config import ExtractConfig
@@ -112,19 +113,25 @@ def bench_quality(data_dir: str, recipe: str = "configs/flickr8k.yaml", work: st
     stage("prepare", lambda: prepare(replace(cfg["prepare"], annotations=[str(work_dir / "lists")],
                                              images=[str(data)]), cache))
     stage("extract", lambda: extract(cache, cfg["extract"], progress=False))
-    runs = {"cross-entropy": work_dir / "xe", "image-blind": work_dir / "blind", "SCST": work_dir / "scst"}
+    runs = {"cross-entropy": work_dir / "xe", "SCST": work_dir / "scst", "image-blind": work_dir / "blind"}
+    trains = {"cross-entropy": cfg["train"], "image-blind": replace(cfg["train"], blind=True)}
+    inits = {"SCST": "cross-entropy"}
+    if cfg["train"].decoder == "attend":  # the attention decoder beside Show-and-Tell, on the same cache
+        runs.update({"showtell cross-entropy": work_dir / "showtell_xe", "showtell SCST": work_dir / "showtell_scst"})
+        trains["showtell cross-entropy"] = replace(cfg["train"], decoder="showtell")
+        inits["showtell SCST"] = "showtell cross-entropy"
     for folder in runs.values():  # every decoder is trained afresh (a killed earlier run's last.pt included)
         shutil.rmtree(folder, ignore_errors=True)
-    for name, blind in (("cross-entropy", False), ("image-blind", True)):
-        stage(f"train {name}", lambda o=runs[name], b=blind: train(
-            cache, out=o, metrics_dir=o / "metrics", cfg=replace(cfg["train"], blind=b), progress=False,
-            log=lambda m: None))
-    stage("scst", lambda: scst(cache, init=runs["cross-entropy"] / "best.pt", out=runs["SCST"],
-                               metrics_dir=runs["SCST"] / "metrics", cfg=cfg["scst"], progress=False,
-                               log=lambda m: None))
+    for name, tcfg in trains.items():
+        stage(f"train {name}", lambda o=runs[name], c=tcfg: train(
+            cache, out=o, metrics_dir=o / "metrics", cfg=c, progress=False, log=lambda m: None))
+    for name, init in inits.items():
+        stage(name, lambda n=name, i=init: scst(cache, init=runs[i] / "best.pt", out=runs[n],
+                                                metrics_dir=runs[n] / "metrics", cfg=cfg["scst"], progress=False,
+                                                log=lambda m: None))
     ecfg = replace(cfg["evaluate"], split="test")
     scores = {}
-    for name in ("cross-entropy", "SCST", "image-blind"):
+    for name in runs:
         ev = stage(f"evaluate {name}", lambda n=name: evaluate(
             runs[n] / "best.pt", cache, ecfg, out=runs[n] / "eval.json", results=runs[n] / "captions.json"))
         scores[name] = {k: round(ev.scores[k], 4) for k in KEYS if k in ev.scores}
@@ -158,7 +165,7 @@ def write_gallery(work_dir: Path, checkpoint: Path, ecfg: EvaluateConfig, summar
     manifest = load_manifest(work_dir / "cache")
     test = [r for r in manifest.images if r.split == "test"][:GALLERY_IMAGES]
     paths = [str(Path(manifest.image_dirs[r.dir]) / r.file) for r in test]
-    results = caption_images(checkpoint, paths, ecfg)
+    results = caption_images(checkpoint, paths, ecfg, attention=needs_grid(load_checkpoint(checkpoint)))
     refs = {p: list(r.captions) for p, r in zip(paths, test)}
     path = work_dir / "gallery.html"
     write_html(results, path, title=f"Flickr8k test photos, {checkpoint}", references=refs, summary=summary)

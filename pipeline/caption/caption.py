@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageOps
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import write_json, write_text
@@ -33,6 +34,10 @@ class Captioned:
     caption: str = ""
     logprob: float = 0.0
     error: str = ""
+    # with attention=True: (word, its G*G region weights, row-major) per word, and the share of the image's
+    # shorter side that the encoder's centre crop kept (crop / resize), to draw the maps where the CNN looked
+    attention: list[tuple[str, list[float]]] | None = None
+    view: float = 1.0
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -62,23 +67,27 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 def caption_images(checkpoint: str | os.PathLike, inputs: list[str], cfg: DecodeConfig | None = None,
                    batch_size: int = 32, workers: int | None = None,
-                   encoder_weights: str | None = None) -> list[Captioned]:
+                   encoder_weights: str | None = None, attention: bool = False) -> list[Captioned]:
     """Caption image files, folders or globs with a checkpoint: rebuilds its encoder and decodes with `cfg`.
 
     Returns one Captioned per input file, in order; unreadable images carry their reason in `error`
     instead of a caption. Refuses (PipelineError) a missing or foreign checkpoint, inputs that match
     nothing, and an encoder weights file that is missing or not the one the features were made with.
+    `attention`: also record where an attention decoder looked for each word (refused for Show-and-Tell).
     """
     cfg = cfg or DecodeConfig()
     cfg.check()
     ckpt = load_checkpoint(checkpoint)
     dev = choose_device(cfg.device)
     model, vocab, spec = restore_decoder(ckpt, dev)
+    if attention and not hasattr(model, "attention"):
+        raise PipelineError(f"--attention draws where an attention decoder looks, but {checkpoint} holds a "
+                            f"{model.cfg.decoder} decoder: train one with train.decoder attend")
     paths = expand_inputs(inputs)
     batches = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
     images = image_batches(paths, Preprocess.of(spec), batches, dev, default_workers(dev) if workers is None
                            else workers)  # decoding starts while the encoder is built
-    encoder = load_encoder(spec, dev, encoder_weights)
+    encoder = load_encoder(spec, dev, encoder_weights, grid_size=model.cfg.grid_size)  # the grid only for attend
     out = [Captioned(p) for p in paths]
     banned = (vocab.pad_id, vocab.start_id, vocab.unk_id)
     for rows, feats, errs in encode_images(encoder, images, dev):
@@ -87,11 +96,27 @@ def caption_images(checkpoint: str | os.PathLike, inputs: list[str], cfg: Decode
             out[rows[j]].error = e
         if not ok:
             continue
-        hyps = decode(model, torch.from_numpy(feats[ok]).to(dev), beam_size=cfg.beam_size, max_length=cfg.max_length,
+        feats = torch.from_numpy(feats[ok]).to(dev)  # (b, D) or (b, 1 + R, D)
+        hyps = decode(model, feats, beam_size=cfg.beam_size, max_length=cfg.max_length,
                       start_id=vocab.start_id, end_id=vocab.end_id, length_penalty=cfg.length_penalty, banned_ids=banned)
-        for j, h in zip(ok, hyps):
-            out[rows[j]].caption, out[rows[j]].logprob = vocab.decode(h.tokens), float(h.logprob)
+        maps = attention_maps(model, feats, hyps, vocab) if attention else [None] * len(hyps)
+        for j, h, m in zip(ok, hyps, maps):
+            r = out[rows[j]]
+            r.caption, r.logprob, r.attention, r.view = vocab.decode(h.tokens), float(h.logprob), m, spec.crop / spec.resize
     return out
+
+
+def attention_maps(model, feats: torch.Tensor, hyps, vocab) -> list[list[tuple[str, list[float]]]]:
+    """(word, region weights) of every word of each hypothesis: the decoder re-reads its own caption
+    (teacher-forced, eval mode: the same steps decoding took) and reports its attention at each."""
+    longest = max(len(h.tokens) for h in hyps)
+    inputs = torch.full((len(hyps), longest + 1), vocab.pad_id, dtype=torch.long)  # <start> w1 .. wn, padded
+    inputs[:, 0] = vocab.start_id
+    for b, h in enumerate(hyps):
+        inputs[b, 1:len(h.tokens) + 1] = torch.tensor(h.tokens, dtype=torch.long)
+    alpha = model.attention(feats, inputs.to(feats.device)).cpu()  # (b, T, R): row t is behind word t+1
+    return [[(vocab.tokens[w], [round(float(a), 4) for a in alpha[b, t]]) for t, w in enumerate(h.tokens)]
+            for b, h in enumerate(hyps)]
 
 
 def image_id_of(path: str, fallback: int) -> int:
@@ -139,6 +164,27 @@ def _thumbnail(path: str, size: int = 256) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _attention_strip(r: Captioned, size: int = 72) -> str:
+    """Where the decoder looked for each word: the encoder's centre crop once per word, the regions it
+    weighed least darkened (the usual view of a soft-attention captioner); "" without attention maps."""
+    if not r.attention:
+        return ""
+    img = ImageOps.fit(Preprocess().load(r.path), (size, size), Image.Resampling.BICUBIC, bleed=(1 - r.view) / 2)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    src = base64.b64encode(buf.getvalue()).decode("ascii")
+    g = max(1, round(len(r.attention[0][1]) ** 0.5))
+    tiles = []
+    for word, weights in r.attention:
+        top = max(weights) or 1.0
+        cells = "".join(f'<rect x="{i % g}" y="{i // g}" width="1" height="1" fill-opacity="{0.8 * (1 - w / top):.2f}"/>'
+                        for i, w in enumerate(weights))
+        tiles.append(f'<span class="att"><svg viewBox="0 0 {g} {g}" width="{size}" height="{size}">'
+                     f'<image href="data:image/jpeg;base64,{src}" width="{g}" height="{g}"/>{cells}</svg>'
+                     f'<br>{html.escape(word)}</span>')
+    return f'<div class="atts">{"".join(tiles)}</div>'
+
+
 def write_html(results: list[Captioned], path: str | os.PathLike, title: str = "Generated captions",
                references: dict[str, list[str]] | None = None, summary: str = "") -> None:
     """A self-contained page (thumbnails embedded) of images with their captions; `references` (path -> human
@@ -153,13 +199,14 @@ def write_html(results: list[Captioned], path: str | os.PathLike, title: str = "
         refs = "".join(f"<li>{html.escape(c)}</li>" for c in references.get(r.path, []))
         cards.append(f'<figure><img src="data:image/jpeg;base64,{_thumbnail(r.path)}" alt="{name}">'
                      f'<figcaption><b>{html.escape(r.caption)}</b><br><small>{name}</small>'
-                     + (f'<ul class="refs">{refs}</ul>' if refs else "") + '</figcaption></figure>')
+                     + (f'<ul class="refs">{refs}</ul>' if refs else "") + _attention_strip(r) + '</figcaption></figure>')
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} .grid{{display:flex;flex-wrap:wrap;gap:1em}}
 figure{{width:260px;margin:0}} img{{max-width:256px;max-height:256px;display:block}}
 figcaption{{font-size:14px;margin-top:.3em}} .bad{{color:#a00}}
-.refs{{color:#555;font-size:12px;padding-left:1.2em;margin:.3em 0}} pre{{font-size:13px}}</style></head>
+.refs{{color:#555;font-size:12px;padding-left:1.2em;margin:.3em 0}} pre{{font-size:13px}}
+.atts{{display:flex;flex-wrap:wrap;gap:2px}} .att{{font-size:11px;text-align:center}}</style></head>
 <body><h1>{html.escape(title)}</h1>{f"<pre>{html.escape(summary)}</pre>" if summary else ""}<div class="grid">
 {chr(10).join(cards)}
 </div></body></html>

@@ -21,14 +21,17 @@ from pipeline.decoder.decode import DecodeConfig, EvaluateConfig
               help="The local weights file the encoder was made with, if it has moved since extraction.")
 @click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the COCO results format here.")
 @click.option("--html", "html_out", default=None, type=click.Path(), help="Also write a page of thumbnails and captions.")
-def caption(inputs, checkpoint, batch_size, encoder_weights, json_out, html_out, **options):
+@click.option("--attention", is_flag=True, help="With --html and an attention decoder (train.decoder: attend): "
+              "show where it looked for each word.")
+def caption(inputs, checkpoint, batch_size, encoder_weights, json_out, html_out, attention, **options):
     """Caption image files: IMAGE, DIR or GLOB... Prints path<TAB>caption."""
     from pipeline.caption.caption import caption_images, write_html, write_results_json
     from pipeline.core.errors import PipelineError
     from pipeline.core.storage import reporting_disk_errors
 
     cfg, _ = DecodeConfig.pick(options)
-    results = caption_images(checkpoint, list(inputs), cfg, batch_size=batch_size, encoder_weights=encoder_weights)
+    results = caption_images(checkpoint, list(inputs), cfg, batch_size=batch_size, encoder_weights=encoder_weights,
+                             attention=attention)
     bad = sum(1 for r in results if r.error)
     if bad == len(results):  # nothing to write: an empty JSON or page would pass for a result
         print_results(results)

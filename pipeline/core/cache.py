@@ -17,6 +17,7 @@ from pathlib import Path
 from pipeline.core.errors import PipelineError
 
 FEATURES_NAME = "features.h5"
+GRID_NAME = "grid"  # features.h5's dataset of region features (N, G*G, D), there when extracted with features: grid
 LABELS_NAME = "labels.h5"
 VOCAB_NAME = "vocab.json"  # here, not only in vocab.py, so that extract can name it without importing nltk
 
@@ -53,6 +54,7 @@ class EncoderSpec:
     interpolation: str = "bilinear"  # PIL resampling filter of the resize (the weights' recipe unless overridden)
     draft: bool = True  # JPEGs decoded at a reduced scale (libjpeg draft) when that still covers `resize`
     family: str = "resnet"  # the arch's family (pipeline/encoder/archs.py); records before families were ResNets
+    grid_size: int = 0  # G > 0: the last block's map is also kept, average-pooled to G x G regions (0: pooled only)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +65,8 @@ class EncoderSpec:
         d = asdict(self)
         d.pop("weights_path")
         d.pop("family")
+        if not self.grid_size:
+            d.pop("grid_size")  # pooled-only records made before grids existed compare equal
         return d
 
     @classmethod
@@ -70,7 +74,8 @@ class EncoderSpec:
         return cls(arch=str(d["arch"]), weights=str(d["weights"]), weights_sha256=str(d.get("weights_sha256", "")),
                    weights_path=str(d.get("weights_path", "")), resize=int(d["resize"]), crop=int(d["crop"]),
                    feature_dim=int(d["feature_dim"]), interpolation=str(d.get("interpolation", "bilinear")),
-                   draft=_as_bool(d.get("draft", True)), family=str(d.get("family", "resnet")))
+                   draft=_as_bool(d.get("draft", True)), family=str(d.get("family", "resnet")),
+                   grid_size=int(d.get("grid_size", 0)))
 
 
 def _as_bool(value) -> bool:
@@ -125,7 +130,8 @@ def extract_command(cache_dir: str | os.PathLike, spec: EncoderSpec, dtype: str,
     where = f" --out {q(str(out))}" if out is not None and Path(out) != Path(cache_dir) / FEATURES_NAME else ""
     return (f"pipeline extract --cache-dir {q(str(cache_dir))}{where} --arch {spec.arch} --weights "
             f"{q(weights_flag(spec))} --resize {spec.resize} --crop {spec.crop} --interpolation {spec.interpolation}"
-            f"{'' if spec.draft else ' --no-draft'} --dtype {dtype} --force")
+            f"{'' if spec.draft else ' --no-draft'}{f' --features grid --grid-size {spec.grid_size}' if spec.grid_size else ''}"
+            f" --dtype {dtype} --force")
 
 
 def rebuild_command(cache_dir: str | os.PathLike, attrs: dict, out: str | os.PathLike | None = None,

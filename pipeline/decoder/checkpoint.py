@@ -24,7 +24,8 @@ from pipeline.core.cache import EncoderSpec
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path
 from pipeline.core.vocab import Vocabulary
-from pipeline.decoder.model import CaptionDecoder, ModelConfig
+from pipeline.decoder.decoders import make_decoder
+from pipeline.decoder.model import ModelConfig
 
 if TYPE_CHECKING:  # the reader must not load the cache code (h5py) for caption
     from pipeline.decoder.data import CaptionData
@@ -38,7 +39,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
         torch.save({"format": FORMAT, **payload}, tmp)
 
 
-def write_checkpoint(path: Path, model: CaptionDecoder, opt: torch.optim.Optimizer, model_cfg: ModelConfig,
+def write_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, model_cfg: ModelConfig,
                      data: CaptionData, state, rng: dict, record: dict, **extra) -> None:
     """The checkpoint train and scst write (evaluate and caption read either): weights, optimizer, settings,
     vocabulary, encoder record, the cache's fingerprints, the training images (`record`), the run's state
@@ -100,11 +101,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def restore_decoder(ckpt: dict, device: torch.device | str = "cpu") -> tuple[CaptionDecoder, Vocabulary, EncoderSpec]:
+def needs_grid(ckpt: dict) -> bool:
+    """Whether the checkpoint's decoder reads region grids (train.decoder: attend), not only pooled features."""
+    return ckpt["model_config"].get("decoder", "showtell") == "attend"
+
+
+def restore_decoder(ckpt: dict, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Vocabulary, EncoderSpec]:
     """The decoder (eval mode), vocabulary and encoder spec recorded in a loaded checkpoint."""
     try:
         cfg = ModelConfig(**ckpt["model_config"])
-        model = CaptionDecoder(cfg)
+        model = make_decoder(cfg)
         model.load_state_dict(ckpt["model"])
         vocab = Vocabulary(ckpt["vocab"])
         encoder = EncoderSpec.from_dict(ckpt["encoder"])
@@ -153,7 +159,7 @@ def check_content(ckpt: dict, path: str | os.PathLike) -> None:
     if not isinstance(ckpt["model"], dict):
         raise bad("its model weights are not a state dict")
     with torch.device("meta"):  # shapes only: nothing is allocated
-        want = {k: tuple(v.shape) for k, v in CaptionDecoder(cfg).state_dict().items()}
+        want = {k: tuple(v.shape) for k, v in make_decoder(cfg).state_dict().items()}
     have = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in ckpt["model"].items()}
     missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     if missing or unexpected:

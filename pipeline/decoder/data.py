@@ -1,7 +1,9 @@
-"""The cached dataset the decoder trains on: features.h5 + labels.h5 + vocab.json + manifest.json, in memory.
+"""The cached dataset the decoder trains on: features.h5 + labels.h5 + vocab.json + manifest.json.
 
 Read once per process (features stay float16 in memory and are converted per batch), so no h5py
-handle is ever shared with DataLoader workers: training indexes plain tensors. Before anything is
+handle is ever shared with DataLoader workers: training indexes plain tensors. The region grid
+(`features: grid`, G*G times the pooled features' size: 25 GB for COCO) is never held: GridReader reads
+each batch's rows from the file, with a handle of its own in every process. Before anything is
 trained, `load_cache` checks that the four files belong together and refuses, with a message that
 says what to rerun, when they do not.
 """
@@ -18,11 +20,49 @@ import numpy as np
 import torch
 
 from pipeline.core import paths
-from pipeline.core.cache import FEATURES_NAME, LABELS_NAME, EncoderSpec, read_features_attrs, reading, rebuild_command
+from pipeline.core.cache import (
+    FEATURES_NAME,
+    GRID_NAME,
+    LABELS_NAME,
+    EncoderSpec,
+    read_features_attrs,
+    reading,
+    rebuild_command,
+)
 from pipeline.core.errors import PipelineError
 from pipeline.core.manifest import SPLITS, Manifest, check_captions, load_manifest
 from pipeline.core.vocab import Vocabulary, tokenize
 from pipeline.decoder.shared_features import read_features
+
+
+class GridReader:
+    """features.h5's region features (N, R, D), read by rows, never whole.
+
+    Each process opens its own handle on first use and reopens after a fork (a DataLoader worker, a torchrun
+    rank), so no h5py handle is ever shared between processes; what ranks of one machine share is the page
+    cache. One HDF5 chunk per image: a batch reads only its own rows (checksums verified on every read)."""
+
+    def __init__(self, path: Path, rebuild: str):
+        self.path, self.rebuild = path, rebuild
+        with reading(path, rebuild), h5py.File(path, "r") as f:
+            self.shape, self.dtype = tuple(f[GRID_NAME].shape), f[GRID_NAME].dtype
+        self._file, self._pid = None, None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None, "_pid": None}  # a pickled reader opens its own handle
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        """rows (B,) int tensor (any order, repeats allowed) -> (B, R, D) in the stored dtype."""
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        uniq, inverse = np.unique(idx, return_inverse=True)  # h5py reads increasing, distinct rows
+        if self._pid != os.getpid():
+            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+        with reading(self.path, self.rebuild):
+            block = self._file[GRID_NAME][uniq] if len(uniq) else np.zeros((0, *self.shape[1:]), self.dtype)
+        return torch.from_numpy(block[inverse])
 
 
 @dataclass
@@ -38,6 +78,15 @@ class CaptionData:
     image_split: torch.Tensor  # (N,) int8 index into SPLITS
     fingerprints: dict  # what a checkpoint records to recognise this cache
     manifest_path: Path | None = None  # where to read raw captions that load_cache(captions=False) left out
+    grid: GridReader | None = None  # (N, R, D) regions, read per batch: loaded for the attention decoder
+
+    def image_inputs(self, rows: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """What the decoder reads for image `rows` (B,), float32 on `device`: pooled features (B, D), or with
+        the grid loaded (B, 1 + R, D), row 0 pooled: the form the encoder gives new images (Encoder)."""
+        pooled = self.features[rows]  # (B, D)
+        if self.grid is None:
+            return pooled.to(device).float()
+        return torch.cat([pooled.unsqueeze(1), self.grid[rows]], 1).to(device).float()  # (B, 1 + R, D)
 
     def image_rows(self, split: str, valid_only: bool = True) -> torch.Tensor:
         """Rows (into features) of the images of `split`."""
@@ -71,14 +120,15 @@ class CaptionData:
 
 
 def load_cache(cache_dir: str | os.PathLike = paths.CACHE_DIR, features: str | os.PathLike | None = None,
-               captions: bool = True) -> CaptionData:
+               captions: bool = True, grid: bool = False) -> CaptionData:
     """The cache in memory, checked for consistency.
 
     Held compactly, since every torchrun rank holds its own: labels int16 (int32 past 32767 words),
     lengths int16, caption rows int32, converted to int64 per batch where torch needs it (teacher_forcing).
     Under torchrun the features are one shared copy per machine (see shared_features). `captions=False`
     leaves the manifest's raw captions out (train: only rank 0's validation reads them, through
-    `references`, which then reads back just the rows it is asked for)."""
+    `references`, which then reads back just the rows it is asked for). `grid`: open the region grid
+    (refused, saying how to extract one, when the file has none)."""
     cache_dir = Path(cache_dir)
     features_path = Path(features) if features else cache_dir / FEATURES_NAME
     labels_path = cache_dir / LABELS_NAME
@@ -119,10 +169,20 @@ def load_cache(cache_dir: str | os.PathLike = paths.CACHE_DIR, features: str | o
         valid = torch.from_numpy(f["valid"][:].astype(bool))
     check_finite_features(feats, valid, features_path, rebuild_command(cache_dir, attrs, features_path, dtype="float32"))
     encoder = EncoderSpec.from_dict(attrs)
+    reader = open_grid(features_path, cache_dir, encoder, attrs) if grid else None
     fingerprints = {"manifest": manifest.fingerprint, "vocab": vocab.fingerprint,
                     "features": str(attrs.get("settings_fingerprint", "")), "features_settings": settings}
     return CaptionData(manifest, vocab, encoder, feats, valid, labels, lengths, caption_image, image_split, fingerprints,
-                       None if captions else cache_dir)
+                       None if captions else cache_dir, reader)
+
+
+def open_grid(features_path: Path, cache_dir: Path, encoder: EncoderSpec, attrs: dict) -> GridReader:
+    """The region grid of `features_path`; one line saying how to extract one when it holds none."""
+    if not encoder.grid_size:
+        with_grid = rebuild_command(cache_dir, {**attrs, "grid_size": 7}, features_path)
+        raise PipelineError(f"{features_path} holds pooled features only; the attention decoder (train.decoder: "
+                            f"attend) reads region grids: extract them with `{with_grid}` (extract.features: grid)")
+    return GridReader(features_path, rebuild_command(cache_dir, attrs, features_path))
 
 
 def check_finite_features(feats: torch.Tensor, valid: torch.Tensor, path: Path, rebuild: str) -> None:

@@ -69,7 +69,8 @@ class EvaluateConfig(DecodeConfig):
 
 class StepModel(Protocol):
     def init_state(self, features: Tensor) -> tuple[Tensor, ...]:
-        """features (B, D) -> recurrent state: tensors with the batch on dim 1, e.g. (h, c) each (layers, B, H)."""
+        """features (B, D) (or (B, 1 + R, D) with regions) -> recurrent state: tensors with the batch on dim 1,
+        e.g. (h, c) each (layers, B, H)."""
 
     def step(self, tokens: Tensor, state: tuple) -> tuple[Tensor, tuple]:
         """tokens (B,) -> (logits (B, V), new state)."""
@@ -257,6 +258,15 @@ def beam_search(model: StepModel, features: Tensor, beam_size: int, max_length: 
         state = tuple(s.index_select(1, flat) for s in state)  # each (..., B*K, ...)
         inp = word.view(-1)  # (B*K,) dead slots feed junk; their outputs are masked next step
     return best.hypotheses()
+
+
+def decode_rows(model: StepModel, data, rows: Tensor, device, batch_size: int = 256, **kw) -> list[Hypothesis]:
+    """`decode` of the cached images `rows` of `data` (a CaptionData), their features read batch_size images at
+    a time (a grid is never read whole): the same hypotheses as decoding every row at once."""
+    out: list[Hypothesis] = []
+    for chunk in rows.split(batch_size):
+        out += decode(model, data.image_inputs(chunk, device), batch_size=batch_size, **kw)
+    return out
 
 
 @torch.inference_mode()

@@ -34,6 +34,10 @@ class ModelSettings(Settings):
     # decoder learns the best caption it can without looking. Its score is the floor that a real
     # model's must clear by far, or the captions do not depend on the picture.
     blind: bool = setting(False, "Image-blind baseline: replace every image feature by the mean feature.")
+    decoder: str = setting("showtell", "showtell: the pooled feature sets the LSTM's state (Vinyals et al.); attend: "
+                           "also soft attention over the grid's regions at every word (Xu et al.; needs "
+                           "`extract.features: grid`).", choices=("showtell", "attend"))
+    attention_size: int = setting(512, "attend: size of the attention layer's hidden space.", min=1)
 
 
 @dataclass(frozen=True)
@@ -48,11 +52,19 @@ class ModelConfig:
     dropout: float
     batchnorm: bool
     blind: bool
+    decoder: str = "showtell"  # checkpoints from before attention hold Show-and-Tell decoders
+    attention_size: int = 512
+    grid_size: int = 0  # G of the G x G regions the attend decoder reads (0: pooled features only)
 
     @classmethod
-    def of(cls, settings: ModelSettings, feature_dim: int, vocab_size: int) -> ModelConfig:
+    def of(cls, settings: ModelSettings, feature_dim: int, vocab_size: int, grid_size: int = 0) -> ModelConfig:
         """The model part of `settings` (a TrainConfig, say) for a cache of these sizes."""
-        return cls(feature_dim, vocab_size, **{f.name: getattr(settings, f.name) for f in fields(ModelSettings)})
+        model = {f.name: getattr(settings, f.name) for f in fields(ModelSettings)}
+        return cls(feature_dim, vocab_size, **model, grid_size=grid_size if model["decoder"] == "attend" else 0)
+
+    @property
+    def regions(self) -> int:
+        return self.grid_size ** 2
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,22 +88,10 @@ class CaptionDecoder(nn.Module):
         self.register_buffer("feature_std", torch.ones(cfg.feature_dim))
 
     @torch.no_grad()
-    def fit_feature_stats(self, features: torch.Tensor, rows: torch.Tensor | None = None, block: int = 1024) -> None:
-        """features (N, D) (or its `rows`: the training images) -> mean/std buffers (std floored to stay finite).
-
-        Two passes in float64 over `block` rows at a time: a COCO cache's 113k x 2048 training features
-        would otherwise be copied whole into every rank, once as float16 and once as float64 (2.3 GB); a
-        block of 1024 x 2048 float64 is 16 MB in flight."""
-        rows = torch.arange(len(features)) if rows is None else rows
-        n = len(rows)
-        blocks = torch.split(rows, block)
-        mean = sum(features[b].double().sum(0) for b in blocks) / n  # (D,)
-        if n > 1:
-            std = (sum(((features[b].double() - mean) ** 2).sum(0) for b in blocks) / (n - 1)).sqrt()
-        else:
-            std = torch.ones_like(mean)
-        self.feature_mean.copy_(mean.float())
-        self.feature_std.copy_(std.clamp_min(1e-6 * float(std.max()) + 1e-12).float())
+    def fit_feature_stats(self, features: torch.Tensor, rows: torch.Tensor | None = None, grid=None) -> None:
+        """features (N, D) (or its `rows`: the training images) -> mean/std buffers. (`grid`: read by the
+        attention decoder only.)"""
+        set_stats(self.feature_mean, self.feature_std, features, rows)
 
     def init_state(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, D) -> LSTM state (h, c), each (layers, B, H), after reading the image."""
@@ -130,6 +130,31 @@ class CaptionDecoder(nn.Module):
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=True)
         y, _ = self.lstm(packed, state)  # y.data (sum(lengths), H)
         return self.out(self.drop(y.data))  # (sum(lengths), V)
+
+
+@torch.no_grad()
+def set_stats(mean_buf: torch.Tensor, std_buf: torch.Tensor, features, rows: torch.Tensor | None = None,
+              block: int = 1024) -> None:
+    """Per-dimension mean/std of features (N, D) (or of its `rows`) into the two (D,) buffers, std floored to
+    stay finite. `features[rows]` may be (b, ..., D): every vector of it counts (the attention decoder's regions).
+
+    Two passes in float64 over `block` rows at a time: a COCO cache's 113k x 2048 training features
+    would otherwise be copied whole into every rank, once as float16 and once as float64 (2.3 GB); a
+    block of 1024 x 2048 float64 is 16 MB in flight."""
+    rows = torch.arange(len(features)) if rows is None else rows
+    blocks = torch.split(rows, block)
+    d = mean_buf.shape[0]
+    total, n = torch.zeros(d, dtype=torch.float64), 0
+    for b in blocks:
+        x = features[b].reshape(-1, d).double()  # (b * ..., D)
+        total, n = total + x.sum(0), n + x.shape[0]
+    mean = total / max(n, 1)
+    if n > 1:
+        std = (sum(((features[b].reshape(-1, d).double() - mean) ** 2).sum(0) for b in blocks) / (n - 1)).sqrt()
+    else:
+        std = torch.ones_like(mean)
+    mean_buf.copy_(mean.float())
+    std_buf.copy_(std.clamp_min(1e-6 * float(std.max()) + 1e-12).float())
 
 
 def packed_targets(targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -151,8 +151,8 @@ def fold_batchnorm(model: EfficientNetLite) -> EfficientNetLite:
     return model
 
 
-class Pooled(nn.Module):
-    """The network without its classifier: normalised images (B, 3, S, S) -> pooled features (B, 1280)."""
+class Headless(nn.Module):
+    """The network without its classifier: normalised images (B, 3, S, S) -> map (B, 1280, S/32, S/32)."""
 
     def __init__(self, net: EfficientNetLite):
         super().__init__()
@@ -160,7 +160,7 @@ class Pooled(nn.Module):
         self.net = fold_batchnorm(net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.features(x).mean((2, 3))  # (B, 1280)
+        return self.net.features(x)  # (B, 1280, S/32, S/32)
 
 
 # ---------------------------------------------------------------- the names family.Family asks for
@@ -207,7 +207,7 @@ def backbone(arch: str, named: str | None) -> nn.Module:
                                 f"holds {path.stem}: install the version that holds {named}")
         _check_hash_prefix(path)
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return Pooled(net)
+    return Headless(net)
 
 
 def _check_hash_prefix(path: Path) -> None:
@@ -229,4 +229,4 @@ def load_state(arch: str, state: dict[str, torch.Tensor], path: Path) -> nn.Modu
     if missing or unexpected:
         raise PipelineError(f"{path} does not fit {arch} ({len(missing)} missing keys, {len(unexpected)} unexpected): "
                             f"pass an {arch} state dict in efficientnet-lite-pytorch's names")
-    return Pooled(net)
+    return Headless(net)

@@ -1,4 +1,4 @@
-"""The frozen encoder: uint8 images -> pooled feature vectors, rebuilt from its record (EncoderSpec).
+"""The frozen encoder: uint8 images -> pooled feature vectors (and region grids), rebuilt from its record (EncoderSpec).
 
 What differs between networks (the archs, their published weights and recipe, the backbone, the
 normalisation) is the arch's family's (family.py; archs.py lists them). What is here is shared by every
@@ -25,9 +25,12 @@ RANDOM_INIT_SEED = 0
 
 
 class Encoder(nn.Module):
-    """uint8 images (B, 3, S, S) -> features (B, D) float32. Frozen, always in eval mode.
+    """uint8 images (B, 3, S, S) -> features float32: pooled (B, D), or with `grid_size` G > 0 (B, 1 + G*G, D),
+    row 0 the pooled feature and rows 1.. the map average-pooled to G x G regions, row-major (what the
+    attention decoder reads; pipeline.decoder.data.image_inputs gives cached features the same form).
+    Frozen, always in eval mode.
 
-    `backbone` maps normalised images to (B, D); `mean` and `std` (per channel, pixels in [0, 1]) are its
+    `backbone` maps normalised images to the last map (B, D, h, w); `mean` and `std` (per channel, pixels in [0, 1]) are its
     family's normalisation. `channels_last` (see `set_layout`) says which memory layout the convolutions
     run in; the weights must be in the same layout (`load_encoder` does both). channels_last is the default
     on every device: on CUDA it feeds the tensor cores, and on the CPU oneDNN's NHWC convolutions were
@@ -37,9 +40,11 @@ class Encoder(nn.Module):
 
     channels_last: bool = True
 
-    def __init__(self, backbone: nn.Module, mean: tuple[float, float, float], std: tuple[float, float, float]):
+    def __init__(self, backbone: nn.Module, mean: tuple[float, float, float], std: tuple[float, float, float],
+                 grid_size: int = 0):
         super().__init__()
         self.backbone = backbone
+        self.grid_size = grid_size
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
         self.requires_grad_(False)
@@ -52,7 +57,12 @@ class Encoder(nn.Module):
         x = (images.float() - self.mean) / self.std  # (B, 3, S, S)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.backbone(x).float()  # (B, D)
+        fmap = self.backbone(x).float()  # (B, D, h, w)
+        pooled = fmap.mean((2, 3))  # (B, D)
+        if not self.grid_size:
+            return pooled
+        grid = nn.functional.adaptive_avg_pool2d(fmap, self.grid_size).flatten(2).transpose(1, 2)  # (B, G*G, D)
+        return torch.cat([pooled.unsqueeze(1), grid], 1)  # (B, 1 + G*G, D)
 
 
 def set_layout(encoder: Encoder, channels_last: bool) -> Encoder:
@@ -77,7 +87,7 @@ def resolve_weights(arch: str, weights: str) -> tuple[str, str, str]:
 
 
 def make_spec(arch: str, weights: str, resize: int | None = None, crop: int | None = None,
-              interpolation: str | None = None, draft: bool = True) -> EncoderSpec:
+              interpolation: str | None = None, draft: bool = True, grid_size: int = 0) -> EncoderSpec:
     """The EncoderSpec of these settings: resize, crop and interpolation left None follow the weights' recipe."""
     family = family_of(arch)
     desc, sha, path = resolve_weights(arch, weights)
@@ -86,12 +96,14 @@ def make_spec(arch: str, weights: str, resize: int | None = None, crop: int | No
     if crop <= 0 or resize < crop:
         raise PipelineError(f"bad preprocessing sizes resize={resize}, crop={crop}: need resize >= crop > 0")
     return EncoderSpec(arch, desc, sha, path, resize, crop, family.FEATURE_DIMS[arch], interpolation, draft,
-                       family.NAME)
+                       family.NAME, grid_size)
 
 
-def build_encoder(spec: EncoderSpec, weights_file: str | os.PathLike | None = None, fold: bool = True) -> Encoder:
+def build_encoder(spec: EncoderSpec, weights_file: str | os.PathLike | None = None, fold: bool = True,
+                  grid_size: int | None = None) -> Encoder:
     """Build the frozen encoder that `spec` describes (the weights file is checked against its sha256), its
-    BatchNorm folded (`fold=False` keeps it: what `bench extract` compares the folded network with)."""
+    BatchNorm folded (`fold=False` keeps it: what `bench extract` compares the folded network with), giving
+    G x G grids for `grid_size` G (default: the spec's; 0: pooled features only)."""
     family = family_of(spec.arch)
     kind, _, named = spec.weights.partition(":")
     if kind == "none":
@@ -103,7 +115,8 @@ def build_encoder(spec: EncoderSpec, weights_file: str | os.PathLike | None = No
     else:
         path = _weights_file(spec, weights_file)
         backbone = family.load_state(spec.arch, _read_state(path), path)
-    return Encoder(fold_batchnorm(backbone) if fold else backbone, family.MEAN, family.STD)
+    grid = spec.grid_size if grid_size is None else grid_size
+    return Encoder(fold_batchnorm(backbone) if fold else backbone, family.MEAN, family.STD, grid)
 
 
 def fold_batchnorm(backbone: nn.Module) -> nn.Module:
@@ -142,23 +155,23 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_encoder(spec: EncoderSpec, device: torch.device, weights_file=None) -> Encoder:
+def load_encoder(spec: EncoderSpec, device: torch.device, weights_file=None, grid_size: int | None = None) -> Encoder:
     """`spec`'s encoder on `device`, in channels_last (why: Encoder's doc), with the kernels tuned for fixed shapes."""
     tune(device, fixed_shapes=True)  # every batch is (B, 3, crop, crop)
-    return set_layout(build_encoder(spec, weights_file).to(device), channels_last=True)
+    return set_layout(build_encoder(spec, weights_file, grid_size=grid_size).to(device), channels_last=True)
 
 
 def encode_images(encoder: nn.Module, images, device: torch.device, amp: str = "auto"):
     """Run `encoder` over `images` (from images.image_batches), batch by batch. Shared by `extract` and `caption`.
 
-    Yields (rows (B,) int64 numpy, features (B, D) float32 numpy, errors [str]); rows that failed to
-    decode carry zeros and their reason."""
+    Yields (rows (B,) int64 numpy, features (B, D) or (B, 1 + G*G, D) float32 numpy, errors [str]); rows that
+    failed to decode carry zeros and their reason."""
     with torch.inference_mode(), autocast(device, amp):
         for rows, batch, errs in images:
             batch = batch.to(device, non_blocking=True)  # (B, 3, S, S) uint8
             if device.type == "cuda":
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            feats = encoder(batch).cpu().numpy()  # (B, D) float32
+            feats = encoder(batch).cpu().numpy()  # (B, D) or (B, 1 + G*G, D) float32
             for j, err in enumerate(errs):
                 if err:
                     feats[j] = 0

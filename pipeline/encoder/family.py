@@ -34,7 +34,7 @@ class Family(Protocol):
         ...
 
     def backbone(self, arch: str, named: str | None) -> nn.Module:
-        """`arch` without its classifier head, normalised images (B, 3, S, S) -> (B, D): with the published
+        """`arch` without its classifier head, normalised images (B, 3, S, S) -> last map (B, D, h, w): with the published
         weights `named` (a record's text after "imagenet:"), or randomly initialised for None (the caller seeds)."""
         ...
 

@@ -1,7 +1,7 @@
 """The ResNet family: torchvision's resnet18 ... resnet152 (the names of family.Family).
 
-The classifier head (fc) is dropped; a feature is the global-average-pooled output of the last block
-(512 values for resnet18/34, 2048 for resnet50/101/152). Published weights are torchvision's ImageNet ones,
+The classifier head (avgpool, fc) is dropped: the backbone gives the last block's map (512 channels for
+resnet18/34, 2048 for resnet50/101/152), which the encoder pools. Published weights are torchvision's ImageNet ones,
 normalised with the ImageNet mean and std.
 """
 
@@ -70,10 +70,13 @@ def backbone(arch: str, named: str | None) -> nn.Module:
 
 
 def load_state(arch: str, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    import torchvision
+
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    model = backbone(arch, None)
+    model = getattr(torchvision.models, arch)(weights=None)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]  # the classifier is never run
         problem = f"{len(missing)} missing keys, e.g. {missing[:2]}, {len(unexpected)} unexpected, e.g. {unexpected[:2]}"
     except RuntimeError:  # shapes differ: torch's message is many lines long
         missing, unexpected = ["(tensor shapes differ)"], []
@@ -83,7 +86,7 @@ def load_state(arch: str, state: dict[str, torch.Tensor], path: Path) -> nn.Modu
         hint = f"it holds {fits} weights: pass --arch {fits}" if fits else \
             f"pass the weights of a torchvision {arch}, saved with torch.save(model.state_dict(), path)"
         raise PipelineError(f"{path} does not fit {arch} ({problem}): {hint}")
-    return model
+    return _headless(model)
 
 
 def arch_of_state(state: dict) -> str | None:
@@ -100,6 +103,17 @@ def arch_of_state(state: dict) -> str | None:
     return None
 
 
+class FeatureMap(nn.Module):
+    """A torchvision ResNet up to its last block: normalised images (B, 3, S, S) -> map (B, D, S/32, S/32)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.blocks = nn.Sequential(net.layer1, net.layer2, net.layer3, net.layer4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
 def _headless(model: nn.Module) -> nn.Module:
-    model.fc = nn.Identity()  # (B, 2048) pooled features instead of (B, 1000) class scores
-    return model
+    return FeatureMap(model)  # avgpool and fc (1000 class scores) are never run

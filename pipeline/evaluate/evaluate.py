@@ -19,9 +19,9 @@ from pipeline.core.fileio import write_json
 from pipeline.core.manifest import SPLITS, check_cache_captions
 from pipeline.core.runtime import choose_device, tune
 from pipeline.core.storage import check_free_space, ensure_writable, reporting_disk_errors
-from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
+from pipeline.decoder.checkpoint import load_checkpoint, needs_grid, restore_decoder
 from pipeline.decoder.data import CaptionData, load_cache
-from pipeline.decoder.decode import decode
+from pipeline.decoder.decode import decode_rows
 from pipeline.decoder.metrics import score_captions
 from pipeline.decoder.overlap import overlap
 from pipeline.evaluate.config import EvaluateConfig
@@ -52,11 +52,13 @@ class EvalSummary:
 
 def check_compatible(ckpt: dict, data: CaptionData, where: str) -> None:
     """Refuse a checkpoint whose encoder or vocabulary is not the cache's."""
-    enc = EncoderSpec.from_dict(ckpt["encoder"]).identity()  # an older record gets today's defaults, as the cache's does
-    if enc != data.encoder.identity():
-        raise PipelineError(f"{where} was trained on features from another encoder "
-                            f"({describe_difference(enc, data.encoder.identity())}): evaluate it on the cache it was "
-                            f"trained from, or retrain on this one")
+    # an older record gets today's defaults, as the cache's does; the grid is compared below, where it is read
+    enc, have = ({**s.identity(), "grid_size": 0} for s in (EncoderSpec.from_dict(ckpt["encoder"]), data.encoder))
+    grid = int(ckpt["model_config"].get("grid_size", 0))
+    if enc != have or (grid and data.encoder.grid_size != grid):
+        diff = describe_difference(enc, have) or f"grid_size: {grid} -> {data.encoder.grid_size}"
+        raise PipelineError(f"{where} was trained on features from another encoder ({diff}): evaluate it on the "
+                            f"cache it was trained from, or retrain on this one")
     if list(ckpt["vocab"]) != list(data.vocab.tokens):
         raise PipelineError(f"{where} uses another vocabulary than {data.manifest.dataset} cache's vocab.json: "
                             f"evaluate on the cache it was trained from, or retrain")
@@ -122,7 +124,7 @@ def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = paths
     split, beam_size, max_length, length_penalty = cfg.split, cfg.beam_size, cfg.max_length, cfg.length_penalty
     started = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
-    data = load_cache(cache_dir)
+    data = load_cache(cache_dir, grid=needs_grid(ckpt))
     check_cache_captions(cache_dir, data.manifest)  # the references are manifest.json's text: still prepare's?
     check_compatible(ckpt, data, str(checkpoint))
     dev = choose_device(cfg.device)
@@ -140,9 +142,9 @@ def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = paths
     overlap_note = check_overlap(ckpt, data, rows, split, str(checkpoint), allow_overlap)
     results = Path(results) if results else Path(out).parent / f"captions_{split}.json"
     check_outputs(Path(out), results, len(rows))
-    hyps = decode(model, data.features[rows].to(dev).float(), beam_size=beam_size, max_length=max_length,
-                  start_id=vocab.start_id, end_id=vocab.end_id, length_penalty=length_penalty,
-                  banned_ids=(vocab.pad_id, vocab.start_id, vocab.unk_id), batch_size=batch_size)
+    hyps = decode_rows(model, data, rows, dev, beam_size=beam_size, max_length=max_length,
+                       start_id=vocab.start_id, end_id=vocab.end_id, length_penalty=length_penalty,
+                       banned_ids=(vocab.pad_id, vocab.start_id, vocab.unk_id), batch_size=batch_size)
     images = data.manifest.images
     candidates = {images[int(r)].id: vocab.decode(h.tokens) for r, h in zip(rows, hyps)}
     references = {images[int(r)].id: list(images[int(r)].captions) for r in rows}

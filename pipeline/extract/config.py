@@ -12,6 +12,7 @@ from pipeline.encoder.archs import ARCHS
 from pipeline.extract.changes import VERIFY_CHOICES
 
 DTYPES = ("float16", "float32")
+FEATURES = ("pooled", "grid")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
@@ -37,6 +38,11 @@ class ExtractConfig(Settings):
     verify: str = setting("stat", "How a rerun notices pictures changed since extraction (their chunks are redone): "
                           "'stat' (file size and modification time, cheap) or 'hash' (also the sha256 of "
                           "every file: reads them all).", choices=VERIFY_CHOICES)
+    features: str = setting("pooled", "pooled: one D-value feature per image; grid: also the last block's map, "
+                            "average-pooled to grid_size x grid_size regions (what `train.decoder: attend` reads; "
+                            "G*G times the room of pooled features).", choices=FEATURES)
+    grid_size: int = setting(7, "Regions per side of the grid (features: grid): 7 (49 regions) or 14 for finer "
+                             "attention.", min=1, max=32)
     dtype: str = setting("float16", "Storage type of the features.", choices=DTYPES)
     batch_size: int = setting(64, "Images per forward pass.", min=1)
     chunk_size: int = setting(1024, "Rows per durable chunk: an interrupted run loses at most one chunk of work.",

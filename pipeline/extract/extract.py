@@ -2,6 +2,8 @@
 
 Output `features.h5` (row i = manifest image i):
     features (N, D) float16|float32   pooled last-block activations (zeros where invalid)
+    grid     (N, G*G, D)              with `features: grid` only: the last block's map average-pooled to G x G,
+                                      row-major, one HDF5 chunk per image (a batch reads only its rows)
     valid    (N,)   bool              False for images that could not be decoded
     errors   (N,)   str               why, for invalid rows ("" otherwise)
     image_ids (N,)  int64, paths (N,) str (relative to the image folder)
@@ -118,7 +120,8 @@ def _extract(cache_dir, cfg: ExtractConfig | None, out, force: bool, progress: b
     cfg = cfg or ExtractConfig()
     cfg.check()
     inputs = Inputs(Path(cache_dir), cfg)
-    parts = Parts(Path(out) if out else inputs.cache_dir / FEATURES_NAME)
+    regions = cfg.grid_size ** 2 if cfg.features == "grid" else 0
+    parts = Parts(Path(out) if out else inputs.cache_dir / FEATURES_NAME, regions)
     dist = distributed.context(cfg.dist_timeout)
     dev = choose_device(cfg.device, dist.local_rank if dist.enabled else None)  # a typo fails before any file is made
     plan = dist.decide(partial(_plan, inputs, parts, force, retry_failed, locks))
@@ -153,7 +156,8 @@ class Inputs:
     @cached_property
     def spec(self) -> EncoderSpec:
         c = self.cfg
-        return make_spec(c.arch, c.weights, c.resize, c.crop, c.interpolation, c.draft)
+        return make_spec(c.arch, c.weights, c.resize, c.crop, c.interpolation, c.draft,
+                         c.grid_size if c.features == "grid" else 0)
 
     @cached_property
     def preprocess(self) -> Preprocess:
@@ -213,8 +217,9 @@ def _compute(inputs: Inputs, mine: list[Chunk], parts: Parts, dev: torch.device,
             parts.drop_if_empty()
         if is_disk_error(e):  # the disk filled up while parts were written
             n, d, dtype = len(inputs.manifest.images), inputs.spec.feature_dim, inputs.cfg.dtype
-            raise disk_error(e, parts.dir, f"the cache needs about {n} x {d} x {np.dtype(NP_DTYPES[dtype]).itemsize} "
-                             f"bytes = {human_bytes(cache_bytes(n, d, dtype))} (and as much again for the parts "
+            grid = f" x (1 + {parts.regions} regions)" if parts.regions else ""
+            raise disk_error(e, parts.dir, f"the cache needs about {n} x {d} x {np.dtype(NP_DTYPES[dtype]).itemsize}"
+                             f"{grid} bytes = {human_bytes(cache_bytes(n, d, dtype, parts.regions))} (and as much again for the parts "
                              f"while they are joined); finished parts are kept: free space, or use --out "
                              f"on a larger disk, and rerun") from None
         raise
@@ -235,30 +240,46 @@ def _encode_chunks(inputs: Inputs, pending: list[Chunk], parts: Parts, dev: torc
     total = sum(e - s for _, s, e in pending)
     bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, dynamic_ncols=True,
                file=sys.stderr, smoothing=0.1)
-    np_dtype = NP_DTYPES[cfg.dtype]
     left = iter(pending)
     k, s, e = next(left)
-    feats, errors = np.zeros((e - s, spec.feature_dim), dtype=np_dtype), [""] * (e - s)
+    buf = ChunkBuffer(e - s, spec.feature_dim, parts.regions, NP_DTYPES[cfg.dtype])
     first: tuple[float, int] | None = None  # (time, images) at the end of the first batch
-    for rows, out, errs in encode_images(encoder, images, dev, cfg.amp):
-        check_storable(out, cfg.dtype, spec.arch, [paths[r] for r in rows], inputs.rebuild(parts.out, "float32"))
-        feats[rows - s] = out.astype(np_dtype)
-        for j, err in zip(rows - s, errs):
-            errors[j] = err
+    for rows, out, errs in encode_images(encoder, images, dev, cfg.amp):  # out (B, D) or (B, 1 + G*G, D)
+        check_storable(out.reshape(len(out), -1), cfg.dtype, spec.arch, [paths[r] for r in rows],
+                       inputs.rebuild(parts.out, "float32"))
+        buf.put(rows - s, out, errs)
         bar.update(len(rows))
         if first is None:
             first = (time.perf_counter(), len(rows))
         if rows[-1] == e - 1:  # chunk finished: make it durable before moving on
             parts.write_stats(k, stats[k])
-            parts.write_part(k, feats, errors)
+            parts.write_part(k, buf.feats, buf.errors, buf.grid)
             nxt = next(left, None)
             if nxt is None:
                 break
             k, s, e = nxt
-            feats, errors = np.zeros((e - s, spec.feature_dim), dtype=np_dtype), [""] * (e - s)
+            buf = ChunkBuffer(e - s, spec.feature_dim, parts.regions, NP_DTYPES[cfg.dtype])
     bar.close()
     steady = (total - first[1]) / (time.perf_counter() - first[0]) if first and total > first[1] else 0.0
     return total, steady
+
+
+class ChunkBuffer:
+    """One chunk's rows as they are computed: pooled features (n, D), grids (n, G*G, D) when kept, errors."""
+
+    def __init__(self, n: int, d: int, regions: int, dtype):
+        self.feats = np.zeros((n, d), dtype=dtype)
+        self.grid = np.zeros((n, regions, d), dtype=dtype) if regions else None
+        self.errors = [""] * n
+
+    def put(self, at: np.ndarray, out: np.ndarray, errs: list[str]) -> None:
+        """Rows `at` of the chunk from the encoder's `out`: (B, D), or (B, 1 + G*G, D) with row 0 pooled."""
+        if self.grid is None:
+            self.feats[at] = out
+        else:
+            self.feats[at], self.grid[at] = out[:, 0], out[:, 1:]
+        for j, err in zip(at, errs):
+            self.errors[j] = err
 
 
 def _join(inputs: Inputs, parts: Parts, plan: Plan) -> ExtractSummary:
@@ -270,7 +291,7 @@ def _join(inputs: Inputs, parts: Parts, plan: Plan) -> ExtractSummary:
         parts.assemble(every, manifest, spec, inputs.preprocess, inputs.settings, dtype)
     except (OSError, RuntimeError) as e:
         err = as_disk_error(e, parts.out, f"the finished parts in {parts.dir} are kept: free "
-                            f"{human_bytes(cache_bytes(len(manifest.images), spec.feature_dim, dtype))} "
+                            f"{human_bytes(cache_bytes(len(manifest.images), spec.feature_dim, dtype, parts.regions))} "
                             f"and rerun the same command to join them")
         if err is None:
             raise

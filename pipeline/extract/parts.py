@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline import __version__
-from pipeline.core.cache import EncoderSpec, checksummed, describe_difference, read_features_attrs, reading
+from pipeline.core.cache import GRID_NAME, EncoderSpec, checksummed, describe_difference, read_features_attrs, reading
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import atomic_path, sha256_json, write_json
 from pipeline.core.manifest import Manifest
@@ -57,9 +57,10 @@ class Plan:
 class Parts:
     """The parts folder of the feature file `out`: `out` + ".parts"."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, regions: int = 0):
         self.out = out
         self.dir = out.with_name(out.name + ".parts")
+        self.regions = regions  # G*G regions per image kept in each part's `grid`, 0 for pooled features only
 
     def part_path(self, k: int) -> Path:
         return self.dir / f"part-{k:06d}.npz"
@@ -105,6 +106,7 @@ class Parts:
         try:
             with np.load(path, allow_pickle=False) as z:
                 ok = z["features"].shape[0] == e - s and z["valid"].shape[0] == e - s
+                ok = ok and (z["grid"].shape[:2] == (e - s, self.regions) if self.regions else "grid" not in z)
             with np.load(self.stats_path(k), allow_pickle=False) as z:  # written just before the part
                 ok = ok and z["file_size"].shape[0] == e - s
         except Exception:  # noqa: BLE001 - any damage (or a part without its image records) means: compute it again
@@ -119,12 +121,14 @@ class Parts:
             with open(tmp, "wb") as f:
                 np.savez(f, **stats)
 
-    def write_part(self, k: int, feats: np.ndarray, errors: list[str]) -> None:
-        """Chunk k's features (rows, D) and decode errors ("" for a valid row), made durable at once."""
+    def write_part(self, k: int, feats: np.ndarray, errors: list[str], grid: np.ndarray | None = None) -> None:
+        """Chunk k's features (rows, D), grids (rows, G*G, D) if kept, and decode errors ("" for a valid row),
+        made durable at once."""
         valid = np.array([not err for err in errors], dtype=bool)
+        extra = {} if grid is None else {"grid": grid}
         with atomic_path(self.part_path(k)) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, features=feats, valid=valid, errors=np.array(errors, dtype=str))
+                np.savez(f, features=feats, valid=valid, errors=np.array(errors, dtype=str), **extra)
 
     def seed(self, every: list[Chunk], redo: np.ndarray, now: dict, verify: str) -> list[Chunk]:
         """Fill the folder from `out` for every chunk without a row to `redo`; return the chunks to compute.
@@ -140,7 +144,8 @@ class Parts:
                         pending.append((k, s, e))
                 elif not self.ok((k, s, e)):
                     self.write_stats(k, {key: f[key][s:e].astype(f[key].dtype.str) for key in STAT_KEYS})
-                    self.write_part(k, f["features"][s:e], list(f["errors"].asstr()[s:e]))
+                    self.write_part(k, f["features"][s:e], list(f["errors"].asstr()[s:e]),
+                                    f[GRID_NAME][s:e] if self.regions else None)
         return pending
 
     def _fresh(self, chunk: Chunk, now: dict, verify: str) -> bool:
@@ -169,6 +174,9 @@ class Parts:
             with h5py.File(tmp, "w", track_order=False) as f:
                 ds = f.create_dataset("features", shape=(n, d), dtype=dtype, chunks=(min(max(n, 1), 256), d),
                                       track_times=False, **checksummed(n))
+                # one chunk per image: a batch reads its own rows and nothing else
+                grid = f.create_dataset(GRID_NAME, shape=(n, self.regions, d), dtype=dtype, chunks=(1, self.regions, d),
+                                        track_times=False, **checksummed(n)) if self.regions and n else None
                 valid = f.create_dataset("valid", shape=(n,), dtype=bool, track_times=False, **checksummed(n))
                 errors = f.create_dataset("errors", shape=(n,), dtype=str_dt, track_times=False)
                 records = {key: f.create_dataset(key, shape=(n,), dtype="S64" if key == "sha256" else np.int64,
@@ -176,6 +184,8 @@ class Parts:
                 for k, s, e in every:
                     with np.load(self.part_path(k), allow_pickle=False) as z:
                         ds[s:e] = z["features"]
+                        if grid is not None:
+                            grid[s:e] = z["grid"]
                         valid[s:e] = z["valid"]
                         errors[s:e] = z["errors"].astype(object)
                     with np.load(self.stats_path(k), allow_pickle=False) as z:
@@ -219,7 +229,7 @@ def make_plan(parts: Parts, manifest: Manifest, settings: dict, feature_dim: int
     parts.prepare(settings, chunk_size)
     pending = [c for c in chunks(len(manifest.images), chunk_size) if not parts.ok(c)]
     try:
-        _check_space(out, len(manifest.images), sum(e - s for _, s, e in pending), feature_dim, dtype)
+        _check_space(out, len(manifest.images), sum(e - s for _, s, e in pending), feature_dim, dtype, parts.regions)
     except PipelineError:
         parts.drop_if_empty()
         raise
@@ -266,17 +276,19 @@ def settings_of(attrs: dict) -> dict | None:
     return json.loads(raw) if raw else None
 
 
-def cache_bytes(n: int, d: int, dtype: str) -> int:
-    return n * d * np.dtype(NP_DTYPES[dtype]).itemsize
+def cache_bytes(n: int, d: int, dtype: str, regions: int = 0) -> int:
+    """Bytes of n images' features: D values each, plus G*G x D for the grid when kept."""
+    return n * d * (1 + regions) * np.dtype(NP_DTYPES[dtype]).itemsize
 
 
-def _check_space(out: Path, n: int, pending_rows: int, d: int, dtype: str) -> None:
-    """Refuse before any work when `out`'s disk cannot hold the cache: N x D x bytes for features.h5,
-    plus the parts still to compute (they stay until features.h5 is joined from them)."""
+def _check_space(out: Path, n: int, pending_rows: int, d: int, dtype: str, regions: int = 0) -> None:
+    """Refuse before any work when `out`'s disk cannot hold the cache: N x D x bytes for features.h5 (times
+    1 + G*G with the grid), plus the parts still to compute (they stay until features.h5 is joined from them)."""
     b = np.dtype(NP_DTYPES[dtype]).itemsize
-    need = cache_bytes(n, d, dtype) + cache_bytes(pending_rows, d, dtype) + 64 * n  # + valid/errors/ids/paths
-    check_free_space(out.parent, need, f"the cache needs about {n} x {d} x {b} bytes for {out.name} plus "
-                     f"{pending_rows} x {d} x {b} for the parts still to compute",
+    need = cache_bytes(n, d, dtype, regions) + cache_bytes(pending_rows, d, dtype, regions) + 64 * n  # + valid/ids/...
+    per = f"{d} x {b}" + (f" x (1 + {regions} regions)" if regions else "")
+    check_free_space(out.parent, need, f"the cache needs about {n} x {per} bytes for {out.name} plus "
+                     f"{pending_rows} x {per} for the parts still to compute",
                      "free space, or use --out on a larger disk")
 
 
@@ -294,6 +306,10 @@ def verify_features_file(path: Path, rebuild: Callable[[str], str], dtype: str) 
             if bad.any():
                 raise PipelineError(f"{path} holds non-finite features (inf/NaN) at row {s + int(np.argmax(bad))}: "
                                     f"rebuild it with `{rebuild('float32')}`")
+        if GRID_NAME in f:  # every grid chunk's checksum too (~1 s per GB)
+            grid = f[GRID_NAME]
+            for s in range(0, grid.shape[0], 256):
+                grid[s:s + 256]
 
 
 def _version(module: str) -> str:

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from pipeline.core import distributed, paths
 from pipeline.core.errors import PipelineError
-from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder, same_cache
+from pipeline.decoder.checkpoint import load_checkpoint, needs_grid, restore_decoder, same_cache
 from pipeline.decoder.data import load_cache
 from pipeline.decoder.model import ModelConfig
 from pipeline.decoder.overlap import RECORD_KEY, training_images_record
@@ -153,8 +153,8 @@ def scst(cache_dir: str | os.PathLike = paths.CACHE_DIR, init: str | os.PathLike
 def setup(cache_dir: Path, init: Path, out: Path, metrics_dir: Path, cfg: ScstConfig, log) -> ScstRun:
     """Device, cache, the starting decoder and its optimizer, and the CIDEr-D scorer of the train split."""
     dist, device = place(cfg.device)  # sampled captions vary in length
-    data = load_cache(cache_dir)
     ckpt = load_checkpoint(init)
+    data = load_cache(cache_dir, grid=needs_grid(ckpt))
     if not same_cache(ckpt, data):
         raise PipelineError(f"{init} was trained on another cache (vocabulary or features differ): point --init at "
                             f"a checkpoint trained on {cache_dir}, or --cache-dir at the cache it was trained on")
@@ -206,7 +206,7 @@ def scst_step(run: ScstRun, images: torch.Tensor, uniforms: torch.Tensor) -> dic
     cfg, data, dist, v = run.cfg, run.data, run.dist, run.data.vocab
     banned = (v.pad_id, v.start_id, v.unk_id)
     k = cfg.samples
-    feats = data.features[images].to(run.device).float()  # (B, D)
+    feats = data.image_inputs(images, run.device)  # (B, D) or (B, 1 + R, D)
     run.model.train()
     s = sample_captions(run.model, feats, k, cfg.max_length, v.start_id, v.end_id, banned,
                         uniforms=uniforms)  # N = B*k rows

@@ -47,7 +47,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.runtime import amp_dtype
 from pipeline.decoder.checkpoint import same_cache
 from pipeline.decoder.data import CaptionData, length_grouped_batches, load_cache
-from pipeline.decoder.model import CaptionDecoder, ModelConfig
+from pipeline.decoder.decoders import make_decoder
+from pipeline.decoder.model import ModelConfig
 from pipeline.decoder.overlap import training_images_record
 from pipeline.train.config import TrainConfig
 from pipeline.trainer.batch import Batch, caption_loss
@@ -93,7 +94,7 @@ class TrainState(RunState):
 class Trainer:
     """Model, optimizer and the one training step; shared by `train` and `pipeline bench train`."""
 
-    def __init__(self, model: CaptionDecoder, cfg: TrainConfig, device: torch.device, ddp: bool = False):
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, ddp: bool = False):
         if ddp and device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
         self.model = model.to(device)
@@ -264,13 +265,14 @@ def train(cache_dir: str | os.PathLike = paths.CACHE_DIR, out: str | os.PathLike
 def setup(cache_dir: str | os.PathLike, out: Path, metrics_dir: Path, cfg: TrainConfig, log) -> TrainRun:
     """Device, cache, a freshly initialised decoder (seeded) and its optimizer."""
     dist, device = place(cfg.device, cfg.dist_timeout)
-    data = load_cache(cache_dir, captions=False)  # raw captions: only rank 0's validation references, below
+    # raw captions: only rank 0's validation references, below
+    data = load_cache(cache_dir, captions=False, grid=cfg.decoder == "attend")
     train_rows = data.training_rows(cache_dir)
     val_images = val_rows(data, cfg.val_images)
-    model_cfg = ModelConfig.of(cfg, data.encoder.feature_dim, len(data.vocab))
+    model_cfg = ModelConfig.of(cfg, data.encoder.feature_dim, len(data.vocab), data.encoder.grid_size)
     torch.manual_seed(cfg.seed)
-    model = CaptionDecoder(model_cfg)
-    model.fit_feature_stats(data.features, data.image_rows("train"))  # a resume overwrites these with the saved ones
+    model = make_decoder(model_cfg)
+    model.fit_feature_stats(data.features, data.image_rows("train"), data.grid)  # a resume loads the saved ones
     trainer = Trainer(model, cfg, device, ddp=dist.enabled)
     return TrainRun(cfg=cfg, data=data, model=trainer.model, opt=trainer.opt, model_cfg=model_cfg, device=device,
                     dist=dist, val_images=val_images, references=data.references(val_images) if dist.is_main else {},

@@ -15,7 +15,7 @@ from pipeline.decoder.model import packed_targets, teacher_forcing
 class Batch:
     """Caption rows as device tensors, sorted longest first (packing needs descending lengths)."""
 
-    features: torch.Tensor  # (B, D) float32, the image feature of each caption
+    features: torch.Tensor  # (B, D) float32, the image feature of each caption ((B, 1 + R, D) with the grid)
     inputs: torch.Tensor  # (B, T) long: <start> w1..wn, 0-padded
     targets: torch.Tensor  # (sum(lengths),) long: w1..wn <end> of every caption, in packed order
     lengths: torch.Tensor  # (B,) long on the CPU (pack_padded_sequence wants CPU lengths): n + 1
@@ -28,8 +28,10 @@ class Batch:
         v = data.vocab
         inputs, targets, lengths, order = teacher_forcing(data.labels[rows], data.lengths[rows], v.start_id, v.end_id)
         if features is None:
-            features = data.features[data.caption_image[rows]]  # (B, D) float16 in memory
-        return cls(features[order].to(device, non_blocking=True).float(), inputs.to(device, non_blocking=True),
+            features = data.image_inputs(data.caption_image[rows][order], device)  # (B, D) or (B, 1 + R, D)
+        else:
+            features = features[order].to(device, non_blocking=True).float()
+        return cls(features, inputs.to(device, non_blocking=True),
                    packed_targets(targets, lengths).to(device, non_blocking=True), lengths)
 
     @property
@@ -39,7 +41,7 @@ class Batch:
 
 
 def caption_loss(net, batch: Batch, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Mean token cross-entropy of `batch` under `net` (a CaptionDecoder, or DDP around one)."""
+    """Mean token cross-entropy of `batch` under `net` (a decoder of make_decoder, or DDP around one)."""
     device = batch.features.device
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = net(batch.features, batch.inputs, batch.lengths)  # (sum(lengths), V)

@@ -22,7 +22,7 @@ from pipeline.core.runtime import choose_device, tune
 from pipeline.core.storage import reporting_disk_errors
 from pipeline.decoder.checkpoint import load_checkpoint, write_checkpoint
 from pipeline.decoder.data import CaptionData
-from pipeline.decoder.model import CaptionDecoder, ModelConfig
+from pipeline.decoder.model import ModelConfig
 from pipeline.trainer.logs import read_steps, write_steps
 from pipeline.trainer.validate import validate
 
@@ -67,7 +67,7 @@ class Run:
 
     cfg: Any  # the stage's settings (batch_size and max_length are read here)
     data: CaptionData
-    model: CaptionDecoder  # the decoder itself (train's DDP wrapper lives in its Trainer)
+    model: torch.nn.Module  # the decoder itself (make_decoder's) (train's DDP wrapper lives in its Trainer)
     opt: torch.optim.Optimizer
     model_cfg: ModelConfig
     device: torch.device

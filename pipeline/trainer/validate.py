@@ -7,13 +7,12 @@ import math
 import torch
 
 from pipeline.decoder.data import CaptionData
-from pipeline.decoder.decode import decode
-from pipeline.decoder.model import CaptionDecoder
+from pipeline.decoder.decode import decode_rows
 from pipeline.trainer.batch import Batch, caption_loss
 
 
 @torch.no_grad()
-def validate(model: CaptionDecoder, data: CaptionData, device: torch.device, val_images: torch.Tensor,
+def validate(model, data: CaptionData, device: torch.device, val_images: torch.Tensor,
              references: dict, batch_size: int, max_length: int) -> dict:
     """Loss/perplexity over every val caption (in batches of 4 x `batch_size`), and CIDEr/BLEU-4 of the
     greedy captions (at most `max_length` words) of `val_images` against `references`."""
@@ -29,8 +28,8 @@ def validate(model: CaptionDecoder, data: CaptionData, device: torch.device, val
         out["val_perplexity"] = math.exp(min(out["val_loss"], 50.0))
     if len(val_images):
         v = data.vocab
-        hyps = decode(model, data.features[val_images].to(device).float(), beam_size=1, max_length=max_length,
-                      start_id=v.start_id, end_id=v.end_id, banned_ids=(v.pad_id, v.start_id, v.unk_id))
+        hyps = decode_rows(model, data, val_images, device, beam_size=1, max_length=max_length,
+                           start_id=v.start_id, end_id=v.end_id, banned_ids=(v.pad_id, v.start_id, v.unk_id))
         from pipeline.decoder.metrics import fast_scores  # pycocoevalcap: loaded only when validation scores
 
         candidates = {int(r): v.decode(h.tokens) for r, h in zip(val_images, hyps)}
