@@ -392,7 +392,7 @@ def test_evaluate_refuses_a_read_only_or_full_out_before_decoding(cache, tmp_pat
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoding started before the outputs were checked")
 
-    monkeypatch.setattr(evaluate_module, "decode", no_decoding)
+    monkeypatch.setattr(evaluate_module, "decode_rows", no_decoding)
     args = ["evaluate", "--checkpoint", tmp_path / "ckpt" / "last.pt", "--cache-dir", cache, "--split", "val",
             "--device", "cpu", "--tokenizer", "simple"]
     with tmpfs(tmp_path / "ro", "1m", readonly=True) as ro:

@@ -109,6 +109,17 @@ def bare_forward_variants(encoder, decoded: torch.Tensor, batches: list[list[int
     return out
 
 
+def _pooled_run(tmp: str, cfg: ExtractConfig, workers: int, dev: torch.device, grid, log) -> float:
+    """Steady images/s of the same extraction without the grid (`grid`: the grid run's summary), printed
+    beside it: what keeping the grid costs."""
+    pooled = extract(tmp, replace(cfg, features="pooled", workers=workers, device=str(dev)), out=Path(tmp) / "pooled.h5",
+                     progress=False)
+    rate, with_grid = pooled.steady_images_per_second or pooled.images_per_second, grid.steady_images_per_second
+    log(f"  extract with the {cfg.grid_size}x{cfg.grid_size} grid: {with_grid:8.1f} images/s steady; pooled only "
+        f"{rate:8.1f}: the grid costs {100 * (1 - with_grid / rate):.1f}% of the speed")
+    return rate
+
+
 def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, repeat: int = 1, log=print) -> dict:
     """Full `extract` vs the bare encoder forward on the same images, decoded in advance. `repeat` reads the
     image list that many times (after `limit`): a small folder still gives a long steady state."""
@@ -131,6 +142,7 @@ def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, repe
         # 1. the full stage, exactly as `pipeline extract` runs it
         full = extract(tmp, replace(cfg, workers=workers, device=str(dev)), progress=False)
         rss_main, rss_child = _peak_rss_mb()
+        pooled = _pooled_run(tmp, cfg, workers, dev, full, log) if cfg.features == "grid" else None
         gpu_mb = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0
         # 2. the compute limit: the same encoder on the same images, already decoded and in memory, timed in
         # every layout and thread count that could be faster; the fastest is the limit
@@ -155,7 +167,8 @@ def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, repe
            "bare_images_per_s": bare, "limit_variant": best, "bare_variants": variants,
            "extract_images_per_s": full.images_per_second, "extract_steady_images_per_s": steady,
            "ratio": steady / bare, "ratio_whole_run": full.images_per_second / bare, "failures": len(full.failures),
-           "peak_rss_main_mb": rss_main, "peak_rss_worker_mb": rss_child, "peak_gpu_mb": gpu_mb}
+           "peak_rss_main_mb": rss_main, "peak_rss_worker_mb": rss_child, "peak_gpu_mb": gpu_mb,
+           "pooled_steady_images_per_s": pooled}
     log(f"  limit = best bare forward ({best}): {bare:8.1f} images/s")
     log(f"  full extract, steady state:       {steady:8.1f} images/s  (after its first batch)")
     log(f"  full extract, whole run:          {full.images_per_second:8.1f} images/s  ({full.seconds:.1f} s, "

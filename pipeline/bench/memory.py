@@ -1,7 +1,7 @@
 """Peak memory per training rank with 1 and with 2 torchrun ranks (gloo, CPU) on one cache.
 
     python -m pipeline.bench.synthetic_cache /tmp/coco       # COCO-sized, realistic captions
-    python -m pipeline.bench.memory /tmp/coco [--steps 20] [--ranks 1 2] [--json out.json]
+    python -m pipeline.bench.memory /tmp/coco [--steps 20] [--ranks 1 2] [--decoder showtell] [--json out.json]
 
 Each rank does what `pipeline train` does before and during its first steps: `train.setup` (load_cache,
 feature statistics, the DDP decoder, rank 0's validation references), then `--steps` training steps.
@@ -67,7 +67,7 @@ class Sampler(threading.Thread):
         return self.peak
 
 
-def rank_main(cache_dir: str, steps: int, out_json: str) -> None:
+def rank_main(cache_dir: str, steps: int, out_json: str, decoder: str = "showtell") -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -77,7 +77,7 @@ def rank_main(cache_dir: str, steps: int, out_json: str) -> None:
     from pipeline.train.config import TrainConfig
     from pipeline.train.train import epoch_batches, run_epoch, setup
 
-    cfg = TrainConfig(device="cpu", batch_size=128, val_images=0)
+    cfg = TrainConfig(device="cpu", batch_size=128, val_images=0, decoder=decoder)  # attend: the grid read per batch
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         run = setup(cache_dir, Path(tmp), Path(tmp), cfg, log=lambda m: None)
         after_load = memory_mb()
@@ -93,12 +93,13 @@ def rank_main(cache_dir: str, steps: int, out_json: str) -> None:
         Path(out_json).write_text(json.dumps(rows))
 
 
-def launch(cache_dir: str, ranks: int, steps: int) -> list[dict]:
+def launch(cache_dir: str, ranks: int, steps: int, decoder: str = "showtell") -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         out = Path(tmp, "rows.json")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "pipeline.bench.memory", "--rank-main", cache_dir, "--steps", str(steps), "--out", str(out)]
+               "-m", "pipeline.bench.memory", "--rank-main", cache_dir, "--steps", str(steps), "--out", str(out),
+               "--decoder", decoder]
         subprocess.run(cmd, env=env, check=True)
         return json.loads(out.read_text())
 
@@ -109,19 +110,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--decoder", default="showtell", choices=("showtell", "attend"),
+                    help="attend: the attention decoder, reading the cache's grid (synthetic_cache --grid)")
     ap.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.rank_main:
-        rank_main(a.cache_dir, a.steps, a.out)
+        rank_main(a.cache_dir, a.steps, a.out, a.decoder)
         return
     runs = {}
     for n in a.ranks:
-        rows = launch(a.cache_dir, n, a.steps)
+        rows = launch(a.cache_dir, n, a.steps, a.decoder)
         runs[n] = {"ranks": rows, "total_peak_pss_mb": sum(r["peak_pss_mb"] for r in rows),
                    "total_peak_rss_mb": sum(r["peak_rss_mb"] for r in rows),
                    "total_pss_after_import_torch_mb": sum(r["pss_after_import_torch_mb"] for r in rows)}
-        print(f"{n} rank(s), {a.steps} steps each:")
+        print(f"{n} rank(s), {a.steps} steps each, {a.decoder} decoder:")
         for r in rows:
             print(f"  rank {r['rank']}: peak PSS {r['peak_pss_mb']:7.0f} MB, peak RSS {r['peak_rss_mb']:7.0f} MB, "
                   f"PSS after setup {r['pss_after_setup_mb']:7.0f} MB, after `import torch` {r['pss_after_import_torch_mb']:5.0f} MB")
