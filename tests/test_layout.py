@@ -185,3 +185,4 @@ def test_path_defaults_are_the_dvc_layout():
                 for p in main.get_command(None, c).params}
     assert defaults[("train", "out")] == paths.XE_DIR and defaults[("scst", "init")] == paths.XE_CHECKPOINT
     assert defaults[("evaluate", "checkpoint")] == defaults[("caption", "checkpoint")] == paths.FINAL_CHECKPOINT
+    assert not [c for c in cmds.values() if "--quiet" in c]  # `dvc repro` shows each stage's progress bar
