@@ -87,3 +87,5 @@ def test_repro_reruns_only_what_changed(tmp_path):
     for path in ("metrics/eval.json", "metrics/eval_xe.json", "metrics/train/train.json", "metrics/scst/scst.json"):
         assert path in shown, shown
     assert "CIDEr" in shown
+    plots = dvc(proj, "plots", "show")  # it warned "argument of type 'nonetype' is not iterable" on scst_epochs.json
+    assert "WARNING" not in plots and "index.html" in plots, plots

@@ -44,6 +44,8 @@ def test_scst_logs_keeps_the_best_and_its_checkpoint_evaluates(xe, tmp_path):
     hist = json.loads((tmp_path / "m" / "scst_epochs.json").read_text())
     assert [h["epoch"] for h in hist] == [0, 1, 2]  # epoch 0: the cross-entropy checkpoint, scored first
     assert hist[0]["CIDEr"] == pytest.approx(s.start["CIDEr"])
+    # every row has the same keys (`dvc plots show` warned on the starting row, which lacked the sampling ones)
+    assert all(list(h) == list(hist[1]) for h in hist) and hist[0]["reward"] is None
     for h in hist[1:]:
         assert {"reward", "baseline", "sample_length", "CIDEr", "BLEU-4"} <= set(h)
         assert 0 <= h["reward"] and 1 <= h["sample_length"] <= 9

@@ -61,6 +61,9 @@ from pipeline.trainer.run import Run, RunState, place, rank_seed, resume, val_ro
 SCORE_KEYS = ("val_loss", "CIDEr", "BLEU-4")
 LOG_NAMES = ("scst_steps.csv", "scst_epochs.json", "scst.json", "scst.png")
 STEP_KEYS = ("reward", "baseline", "length", "loss")
+# what each training epoch's row of scst_epochs.json says about its sampling; the starting row (epoch 0, no
+# sampling) has them too, as null, since `dvc plots` fails on rows that lack keys of the others
+EPOCH_KEYS = ("reward", "baseline", "sample_length", "seconds", "samples_per_second")
 
 
 @dataclass
@@ -191,7 +194,7 @@ def resume_or_start(run: ScstRun, wanted: bool) -> ScstState:
         run.log(f"--resume: no {run.last} yet, starting SCST from {run.init}")
     state = ScstState()
     if run.dist.is_main:
-        row = {"epoch": 0, "step": 0, **run.validate()}
+        row = {"epoch": 0, "step": 0, **dict.fromkeys(EPOCH_KEYS), **run.validate()}
         state.history.append(row)
         state.best_score, state.best = row.get("CIDEr", -math.inf), {k: row[k] for k in SCORE_KEYS if k in row}
         run.log("start: " + " ".join(f"{k} {row[k]:.4f}" for k in SCORE_KEYS if k in row) + f" ({run.init})")
