@@ -113,6 +113,12 @@ def read_truths(paths: Iterable[str | os.PathLike]) -> dict[str, dict[str, str]]
     return out
 
 
+def read_row_truths(manifest, rows) -> dict[int, dict[str, str]]:
+    """{image row: its attributes} for the `rows` of a Manifest whose pictures `read_truths` knows."""
+    paths = {manifest.path_of(int(r)): int(r) for r in rows}
+    return {paths[p]: truth for p, truth in read_truths(paths).items()}
+
+
 def _read_table(path: Path) -> dict:
     if not path.is_file():
         return {}

@@ -21,7 +21,7 @@ from pipeline.core.fileio import write_json
 from pipeline.core.manifest import SPLITS, check_cache_captions
 from pipeline.core.runtime import choose_device, tune
 from pipeline.core.storage import check_free_space, ensure_writable, reporting_disk_errors
-from pipeline.decoder.attributes import accuracy_line, attribute_accuracy, read_truths
+from pipeline.decoder.attributes import accuracy_line, attribute_accuracy, read_row_truths
 from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
 from pipeline.decoder.data import CaptionData, load_cache
 from pipeline.decoder.decode import decode
@@ -113,8 +113,7 @@ def check_outputs(out: Path, results: Path, n_images: int) -> None:
 def attribute_scores(data: CaptionData, rows, candidates: dict) -> dict:
     """attribute_accuracy of the captions of the scored images whose folder says their attributes (the demo's);
     {} when none does."""
-    paths = {data.manifest.path_of(int(r)): data.manifest.images[int(r)].id for r in rows}
-    truths = {paths[p]: truth for p, truth in read_truths(paths).items()}
+    truths = {data.manifest.images[r].id: t for r, t in read_row_truths(data.manifest, rows).items()}
     return attribute_accuracy(candidates, truths) if truths else {}
 
 
