@@ -74,7 +74,7 @@ BACKGROUND_RGB = {
 # (zero padding makes responses near the border differ), so it can carry part of the caption.
 
 # Shape extent as a fraction of the image side; grid centres per size. Large shapes sit nearer the
-# middle so they stay inside the encoder's centre crop (112 of 128 in params.yaml, 224 of 256 likewise).
+# middle so they stay inside an encoder's centre crop (e.g. 224 of 256, or 112 of 128).
 _SIZE_FRAC = {"small": 0.3, "large": 0.6}
 _GRID = {"small": (0.26, 0.5, 0.74), "large": (0.36, 0.5, 0.64)}
 
