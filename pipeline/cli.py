@@ -29,6 +29,20 @@ COMMANDS = {
     "demo-data": "pipeline.acquire.cli:demo_data",
     "bench": "pipeline.bench.cli:bench",
 }
+# What `pipeline --help` lists for each, so that listing loads no command (they import torch: seconds);
+# a test keeps each the first sentence of its command's own help.
+SUMMARIES = {
+    "prepare": "Read a dataset into manifest.json, vocab.json and labels.h5 under --out-dir.",
+    "extract": "Run the frozen ResNet once over every image and store pooled features in HDF5.",
+    "train": "Train the projection + LSTM decoder from the feature cache (the CNN is never run).",
+    "scst": "Self-critical sequence training: optimise CIDEr-D directly, starting from a cross-entropy checkpoint.",
+    "evaluate": "Decode a split from the cached features and score it (BLEU-1..4, METEOR, ROUGE-L, CIDEr).",
+    "caption": "Caption image files: IMAGE, DIR or GLOB...",
+    "download": "Download public datasets.",
+    "demo-data": "Generate the offline demo dataset (COCO captions format) into DEST, deterministically.",
+    "bench": "Benchmarks (extract, train, scst: speed) and ablations/quality runs (blind, quality): each prints its "
+             "figures and fails (exit status 1) when a target is missed.",
+}
 
 
 # What to run after Ctrl-C: train and scst continue only when asked (a fresh run would start at epoch 1).
@@ -43,6 +57,11 @@ class Group(click.Group):
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        limit = formatter.width - 6 - max(map(len, COMMANDS))  # as click.Group does it
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, click.utils.make_default_short_help(SUMMARIES[name], limit)) for name in COMMANDS])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:

@@ -13,6 +13,7 @@ import pytest
 from pipeline.acquire import demo_data
 from pipeline.acquire.demo_data import make_demo_data
 from pipeline.core.errors import PipelineError
+from pipeline.decoder.attributes import NAMES, read_caption, truth_of
 
 SMALL = dict(n_train=12, n_val=4, n_test=5, image_size=64)
 
@@ -107,25 +108,34 @@ def test_captions_follow_the_picture_attributes(demo):
     colour or shape, and each image's caption set names exactly its own attributes."""
     _, info = demo
     data = json.loads(Path(info["annotations"]["train"]).read_text())
-    attrs = json.loads(Path(info["attributes"]["train"]).read_text())
+    attrs = _attributes_by_id(info, "train")
     caps: dict[int, set[str]] = {}
     for a in data["annotations"]:
         caps.setdefault(a["image_id"], set()).add(a["caption"])
     for i, j in itertools.combinations(caps, 2):
-        ai, aj = attrs[str(i)], attrs[str(j)]
+        ai, aj = attrs[i], attrs[j]
         if (ai["colour"], ai["shape"]) != (aj["colour"], aj["shape"]):
             assert not caps[i] & caps[j]
     for image_id, cs in caps.items():
         for c in cs:
-            _check_caption(c, attrs[str(image_id)])
+            _check_caption(c, attrs[image_id])
+
+
+def _attributes_by_id(info: dict, split: str) -> dict[int, dict]:
+    """The split's attributes.json (by file name) keyed by image id, through the captions file."""
+    by_name = json.loads(Path(info["attributes"][split]).read_text())
+    assert Path(info["attributes"][split]).parent == Path(info["image_dirs"][split])
+    images = json.loads(Path(info["annotations"][split]).read_text())["images"]
+    assert sorted(by_name) == sorted(im["file_name"] for im in images)
+    return {im["id"]: by_name[im["file_name"]] for im in images}
 
 
 def _check_caption(caption: str, scene: dict) -> None:
     words = caption.split()
     assert [w for w in words if w in demo_data.COLOURS] == [scene["colour"]], caption
-    shape_words = {w: s for s, ws in demo_data._SHAPE_WORDS.items() for w in ws}
+    shape_words = {w: s for s, ws in demo_data.SHAPE_WORDS.items() for w in ws}
     assert [shape_words[w] for w in words if w in shape_words] == [scene["shape"]], caption
-    size_words = {w: s for s, ws in demo_data._SIZE_WORDS.items() for w in ws}
+    size_words = {w: s for s, ws in demo_data.SIZE_WORDS.items() for w in ws}
     assert all(size_words[w] == scene["size"] for w in words if w in size_words), caption
     bgs = [w for w in words if w in demo_data.BACKGROUNDS]
     assert bgs in ([], [scene["background"]]), caption
@@ -150,6 +160,10 @@ def test_grammar_covers_every_scene():
         for c in caps:
             _check_caption(c, scene)
             assert " a orange" not in f" {c}" and "  " not in c and c == c.strip()
+            # what evaluate reads back from a caption: every attribute it says is the scene's
+            said, truth = read_caption(c), truth_of(scene)
+            assert all(said[n] in (None, truth[n]) for n in NAMES) and said["colour"] and said["shape"], c
+    assert set(demo_data.COLOUR_RGB) == set(demo_data.COLOURS) and set(demo_data.BACKGROUND_RGB) == set(demo_data.BACKGROUNDS)
 
 
 def test_images_show_the_colour(demo):
@@ -158,15 +172,15 @@ def test_images_show_the_colour(demo):
     root, info = demo
     from PIL import Image
 
-    palette = np.array(list(demo_data.COLOURS.values()))
-    names = list(demo_data.COLOURS)
-    attrs = json.loads(Path(info["attributes"]["train"]).read_text())
+    palette = np.array(list(demo_data.COLOUR_RGB.values()))
+    names = list(demo_data.COLOUR_RGB)
+    attrs = _attributes_by_id(info, "train")
     data = json.loads(Path(info["annotations"]["train"]).read_text())
     for im in data["images"]:
-        scene = attrs[str(im["id"])]
+        scene = attrs[im["id"]]
         with Image.open(root / "train" / im["file_name"]) as img:
             pixels = np.asarray(img.convert("RGB"), dtype=np.int32).reshape(-1, 3)
-        bg = np.array(demo_data.BACKGROUNDS[scene["background"]])
+        bg = np.array(demo_data.BACKGROUND_RGB[scene["background"]])
         is_bg = np.abs(pixels - bg).sum(1) < 60
         assert is_bg.mean() > 0.5
         fg = pixels[~is_bg]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,8 @@ import yaml
 from layout import stage_closures
 
 from pipeline.acquire.demo_data import make_demo_data
+from pipeline.bench.demo import demo_report, markdown
+from pipeline.decoder.attributes import NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -41,7 +44,8 @@ def set_param(proj: Path, section: str, key: str, value) -> None:
 def test_repro_reruns_only_what_changed(tmp_path):
     proj = tmp_path / "proj"
     proj.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "results/.gitignore"):
+        (proj / name).parent.mkdir(exist_ok=True)
         shutil.copy(REPO / name, proj / name)
     shutil.copytree(REPO / ".dvc", proj / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
     shutil.copytree(REPO / "pipeline", proj / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
@@ -53,7 +57,13 @@ def test_repro_reruns_only_what_changed(tmp_path):
                                 ("scst", "batch_size", 8), ("evaluate", "beam_size", 1)]:
         set_param(proj, section, key, value)
 
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], cwd=proj, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "clone"], cwd=proj, check=True)
     assert ran(dvc(proj, "repro")) == {"prepare", "extract", "train", "scst", "evaluate", "evaluate_xe"}
+    # a run leaves git alone: nothing staged (dvc's autostage), no tracked file changed (results/.gitignore)
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=proj, capture_output=True, text=True).stdout
+    assert sorted(status.splitlines()) == ["?? dvc.lock", "?? metrics/"], status
     assert ran(dvc(proj, "repro")) == set()  # nothing changed: nothing reruns
     assert "up to date" in dvc(proj, "status").lower()
 
@@ -87,3 +97,10 @@ def test_repro_reruns_only_what_changed(tmp_path):
     for path in ("metrics/eval.json", "metrics/eval_xe.json", "metrics/train/train.json", "metrics/scst/scst.json"):
         assert path in shown, shown
     assert "CIDEr" in shown
+    for name in ("eval.json", "eval_xe.json"):  # evaluate knows the demo's pictures: their attributes are scored
+        acc = json.loads((proj / "metrics" / name).read_text())["attributes"]
+        assert acc["images"] == 4 and set(acc["right"]) == set(acc["wrong"]) == set(NAMES), acc
+    table = markdown(demo_report(proj))
+    assert "| cross-entropy | " in table and "| after SCST | " in table and "CPU cores" in table, table
+    plots = dvc(proj, "plots", "show")  # it warned "argument of type 'nonetype' is not iterable" on scst_epochs.json
+    assert "WARNING" not in plots and "index.html" in plots, plots

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from layout import REPO, STAGE_PACKAGES, closure, package_imports, stage_closures
 
-from pipeline.cli import COMMANDS, main
+from pipeline.cli import COMMANDS, SUMMARIES, main
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
 from pipeline.prepare.config import PrepareConfig
@@ -66,6 +66,20 @@ def test_stage_commands_load_no_other_stage():
                 f"print(sorted(m for m in sys.modules if m.split('.')[1:2] and m.split('.')[1] in {others!r}))")
         out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == "[]", (stage, out.stdout, out.stderr[-2000:])
+
+
+def test_help_lists_every_command_without_importing_torch():
+    """`pipeline --help` took 8.8 s on a busy machine because listing the commands loaded them all (and torch)."""
+    code = ("import sys\nfrom pipeline.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.count('.') > 1 and "
+            "m.startswith('pipeline.') and not m.startswith('pipeline.core.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:]
+    for name in COMMANDS:
+        assert f"  {name} " in out.stdout
+    for name, summary in SUMMARIES.items():  # the listing says what each command's own help says
+        assert main.get_command(None, name).get_short_help_str(limit=1000) == summary, name
+    assert list(SUMMARIES) == list(COMMANDS)
 
 
 @pytest.mark.parametrize("stage", STAGE_PACKAGES)
@@ -171,3 +185,4 @@ def test_path_defaults_are_the_dvc_layout():
                 for p in main.get_command(None, c).params}
     assert defaults[("train", "out")] == paths.XE_DIR and defaults[("scst", "init")] == paths.XE_CHECKPOINT
     assert defaults[("evaluate", "checkpoint")] == defaults[("caption", "checkpoint")] == paths.FINAL_CHECKPOINT
+    assert not [c for c in cmds.values() if "--quiet" in c]  # `dvc repro` shows each stage's progress bar

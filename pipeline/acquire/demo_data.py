@@ -16,8 +16,8 @@ every caption also carries colour, and most carry size, place and background, wh
 Layout written under `out_dir`:
 
     train/demo_000001.jpg ...          val/...          test/...
+    train/attributes.json ...          # {file name: {attribute: value}}: what evaluate and caption check
     annotations/captions_{train,val,test}.json   # exact cocodataset.org captions format
-    annotations/attributes_{train,val,test}.json # {image_id: {attribute: value}}, for diagnostics
 
 Image and annotation ids are unique across the three splits. `file_name` is relative to the
 split's folder, like COCO's `train2014/` layout.
@@ -36,12 +36,25 @@ from pathlib import Path
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.fileio import write_json
+from pipeline.decoder.attributes import (
+    ATTRIBUTES_FILE,
+    BACKGROUNDS,
+    COLOURS,
+    COLUMNS,
+    ROWS,
+    SHAPE_WORDS,
+    SHAPES,
+    SIZE_WORDS,
+    SIZES,
+    VERTICAL_WORDS,
+)
 
 SPLITS = ("train", "val", "test")
 
-# Saturated colours near the corners of the RGB cube, so they are far apart in the space a random
+# The attributes' values and words are pipeline.decoder.attributes' (which reads captions back); here, how
+# each looks. Saturated colours near the corners of the RGB cube, so they are far apart in the space a random
 # first convolution sees linearly. (Orange sat between red and yellow and was the most confused.)
-COLOURS = {
+COLOUR_RGB = {
     "red": (230, 25, 25),
     "yellow": (250, 225, 20),
     "green": (20, 170, 40),
@@ -49,31 +62,24 @@ COLOURS = {
     "blue": (30, 60, 235),
     "purple": (180, 40, 220),
 }
-BACKGROUNDS = {
+BACKGROUND_RGB = {
     "white": (245, 245, 245),
     "black": (15, 15, 15),
     "gray": (128, 128, 128),
 }
-# Chosen by probing seven candidates (circle, square, triangle, ring, cross, star, stripes): random
-# features confuse filled circle/square/triangle (~70%); a hollow ring, a filled square and a spiky
-# star differ in edge texture, which global averaging keeps (~85%).
-SHAPES = ("ring", "square", "star")
-SIZES = ("small", "large")
-# A 3x3 grid of places. Position survives global average pooling in a random ResNet (zero padding
-# makes responses near the border differ), so it can carry part of the caption.
-ROWS = ("top", "middle", "bottom")
-COLUMNS = ("left", "center", "right")
+# SHAPES were chosen by probing seven candidates (circle, square, triangle, ring, cross, star, stripes):
+# random features confuse filled circle/square/triangle (~70%); a hollow ring, a filled square and a
+# spiky star differ in edge texture, which global averaging keeps (~85%).
+# ROWS x COLUMNS is a 3x3 grid of places. Position survives global average pooling in a random ResNet
+# (zero padding makes responses near the border differ), so it can carry part of the caption.
 
 # Shape extent as a fraction of the image side; grid centres per size. Large shapes sit nearer the
-# middle so they stay inside the encoder's centre crop (112 of 128 in params.yaml, 224 of 256 likewise).
+# middle so they stay inside an encoder's centre crop (e.g. 224 of 256, or 112 of 128).
 _SIZE_FRAC = {"small": 0.3, "large": 0.6}
 _GRID = {"small": (0.26, 0.5, 0.74), "large": (0.36, 0.5, 0.64)}
 
 # Phrasings. Each image gets `captions_per_image` distinct templates, so the same facts appear in
 # varied words and orders, as human COCO captions do.
-_SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
-_SHAPE_WORDS = {"ring": ("ring", "hoop"), "square": ("square", "box"), "star": ("star",)}
-_VERTICAL_WORDS = {"top": ("top", "upper"), "bottom": ("bottom", "lower")}
 _TEMPLATES = (
     "a {size} {colour} {shape} {place}",
     "a {size} {colour} {shape} {place} on a {bg} background",
@@ -104,7 +110,7 @@ def make_demo_data(
     never leaves annotations that point at missing images.
 
     Returns {"root", "image_dirs": {split: path}, "annotations": {split: path},
-    "attributes": {split: path}, "counts": {split: n_images}, "n_captions": {split: n},
+    "attributes": {split: its attributes.json}, "counts": {split: n_images}, "n_captions": {split: n},
     "vocabulary": sorted words}.
     """
     counts = {"train": n_train, "val": n_val, "test": n_test}
@@ -125,7 +131,7 @@ def make_demo_data(
                                                       rng, image_ids, ann_ids)
         vocab.update(word for a in annotations for word in a["caption"].split())
         ann_path = ann_dir / f"captions_{split}.json"
-        attr_path = ann_dir / f"attributes_{split}.json"
+        attr_path = split_dir / ATTRIBUTES_FILE
         write_json(attr_path, attributes)
         write_json(ann_path, _coco_captions(split, seed, images, annotations))
         result["image_dirs"][split] = str(split_dir)
@@ -157,7 +163,7 @@ def _make_folder(path: Path) -> Path:
 def _draw_split(split_dir: Path, n: int, image_size: int, captions_per_image: int, rng: random.Random,
                 image_ids: Iterator[int], ann_ids: Iterator[int]) -> tuple[list, list, dict]:
     """Draw n scenes, write their JPEGs into split_dir and caption them, taking ids from the two counters
-    -> (COCO "images" entries, COCO "annotations" entries, {image id: scene})."""
+    -> (COCO "images" entries, COCO "annotations" entries, {file name: scene})."""
     images, annotations, attributes = [], [], {}
     for _ in range(n):
         image_id = next(image_ids)
@@ -165,7 +171,7 @@ def _draw_split(split_dir: Path, n: int, image_size: int, captions_per_image: in
         file_name = f"demo_{image_id:06d}.jpg"
         (split_dir / file_name).write_bytes(render_jpeg(scene, image_size, rng))
         images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
-        attributes[str(image_id)] = scene
+        attributes[file_name] = scene
         for caption in describe(scene, rng, captions_per_image):
             annotations.append({"id": next(ann_ids), "image_id": image_id, "caption": caption})
     return images, annotations, attributes
@@ -205,8 +211,8 @@ def render_jpeg(scene: dict, image_size: int, rng: random.Random) -> bytes:
     from PIL import Image, ImageDraw
 
     s = image_size
-    bg = _jitter_colour(BACKGROUNDS[scene["background"]], rng, 8)
-    fg = _jitter_colour(COLOURS[scene["colour"]], rng, 12)
+    bg = _jitter_colour(BACKGROUND_RGB[scene["background"]], rng, 8)
+    fg = _jitter_colour(COLOUR_RGB[scene["colour"]], rng, 12)
     img = Image.new("RGB", (s, s), bg)
     draw = ImageDraw.Draw(img)
     half = _SIZE_FRAC[scene["size"]] * s * rng.uniform(0.9, 1.1) / 2
@@ -239,9 +245,9 @@ def describe(scene: dict, rng: random.Random, n: int) -> list[str]:
     captions = []
     for t in templates:
         captions.append(t.format(
-            size=rng.choice(_SIZE_WORDS[scene["size"]]),
+            size=rng.choice(SIZE_WORDS[scene["size"]]),
             colour=scene["colour"],
-            shape=rng.choice(_SHAPE_WORDS[scene["shape"]]),
+            shape=rng.choice(SHAPE_WORDS[scene["shape"]]),
             place=place_phrase(scene["row"], scene["column"], rng),
             bg=scene["background"],
         ))
@@ -255,7 +261,7 @@ def place_phrase(row: str, column: str, rng: random.Random) -> str:
         return rng.choice(("in the middle", "in the center", "at the center"))
     if row == "middle":
         return rng.choice((f"on the {column}", f"on the {column} side", f"at the {column}"))
-    vertical = rng.choice(_VERTICAL_WORDS[row])
+    vertical = rng.choice(VERTICAL_WORDS[row])
     if column == "center":
         return rng.choice((f"at the {vertical}", f"near the {vertical}", f"in the {vertical} middle"))
     return rng.choice((f"in the {vertical} {column} corner", f"at the {vertical} {column}", f"in the {vertical} {column}"))

@@ -7,6 +7,7 @@ Benchmarks (speed and memory, against the compute limit; bench.py):
 Ablations and quality runs (caption scores, not speed):
     blind     the decoder trained seeing the images and image-blind (ablations.py); limit: CIDEr ratio
     quality   the whole pipeline on real photos (quality.py); limits: CIDEr, the ratio to a blind decoder
+    demo      the demo's table from `make demo`'s metrics (demo.py); limit: SCST keeps the all-right share
 Standalone scripts beside them: `python -m pipeline.bench.memory` (peak memory per training rank),
 `pipeline.bench.synthetic_cache` (a COCO-sized cache for it), `pipeline.bench.cider_speed`,
 `pipeline.bench.draft_effect`.
@@ -51,8 +52,8 @@ def _write(json_out, res) -> None:
 
 
 @bench.command("extract")
-@click.option("--images", "images", multiple=True, default=["../shared/data/flickr8k/images"], show_default=True,
-              help="Image files, folders or globs to run over (repeatable).")
+@click.option("--images", "images", multiple=True, default=["data/demo/train"], show_default=True,
+              help="Image files, folders or globs to run over (repeatable); the default is the demo's (make demo).")
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(0), help="Use the first N images (0: all).")
 @click.option("--repeat", default=1, show_default=True, type=click.IntRange(1),
               help="Read the images this many times (a small folder, e.g. the 200 full-size photos, x5).")
@@ -169,3 +170,19 @@ def bench_quality_cmd(data_dir, recipe, work, holdout, min_cider, min_blind_rati
     check_targets([("cross-entropy CIDEr", s["cross-entropy"]["CIDEr"], min_cider[0], ">="),
                    ("SCST CIDEr", s["SCST"]["CIDEr"], min_cider[1], ">="),
                    ("CIDEr seeing / blind", res["cider_seeing_over_blind"], min_blind_ratio, ">=")])
+
+
+@bench.command("demo")
+@click.option("--root", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="The project folder `make demo` ran in (its metrics/).")
+@click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the figures as JSON.")
+def bench_demo_cmd(root, json_out):
+    """The demo's results table (as in the README) from the metrics `make demo` wrote, and the machine's load;
+    fails when SCST lowered the share of test captions with every attribute right."""
+    from pipeline.bench.demo import demo_report, markdown
+
+    res = demo_report(root)
+    _write(json_out, res)
+    click.echo(markdown(res))
+    xe, sc = (res["rows"][k]["attributes"]["all_right"] for k in ("cross-entropy", "after SCST"))
+    check_targets([("all-right captions after SCST - before", sc - xe, 0.0, ">=")])

@@ -20,8 +20,9 @@ import torch
 from PIL import Image, ImageOps
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.fileio import write_json, write_text
+from pipeline.core.fileio import read_json, write_json, write_text
 from pipeline.core.runtime import choose_device, default_workers
+from pipeline.decoder.attributes import accuracy_line, attribute_accuracy, read_truths, wrong_attributes
 from pipeline.decoder.checkpoint import load_checkpoint, restore_decoder
 from pipeline.decoder.decode import DecodeConfig, decode
 from pipeline.encoder.encoder import encode_images, load_encoder
@@ -185,11 +186,48 @@ def _attention_strip(r: Captioned, size: int = 72) -> str:
     return f'<div class="atts">{"".join(tiles)}</div>'
 
 
+def read_references(path: str | os.PathLike, results: list[Captioned]) -> dict[str, list[str]]:
+    """{image path: its captions} from a COCO captions file, for the results whose path ends with one of its
+    images' file_name (the demo's annotations/captions_test.json for data/demo/test/*.jpg)."""
+    try:
+        coco = read_json(path)
+        names = {im["id"]: im["file_name"] for im in coco["images"]}
+        by_name: dict[str, list[str]] = {}
+        for a in coco["annotations"]:
+            by_name.setdefault(names[a["image_id"]], []).append(a["caption"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PipelineError(f"--references {path}: not a readable COCO captions file ({e})") from None
+    by_base: dict[str, list[str]] = {}
+    for n in by_name:
+        by_base.setdefault(Path(n).name, []).append(n)
+    out = {}
+    for r in results:
+        p = Path(r.path).as_posix()
+        match = [n for n in by_base.get(Path(p).name, []) if p == n or p.endswith("/" + n)]
+        if match:
+            out[r.path] = by_name[match[0]]
+    return out
+
+
+def attribute_report(results: list[Captioned]) -> tuple[str, dict[str, list[str]]]:
+    """For images whose folder says their attributes (the demo's): (accuracy_line, {path: what its caption
+    gets wrong or leaves out}); ("", {}) for other images."""
+    captioned = [r for r in results if not r.error]
+    truths = read_truths(r.path for r in captioned)
+    if not truths:
+        return "", {}
+    captions = {r.path: r.caption for r in captioned if r.path in truths}
+    misses = {p: wrong_attributes(c, truths[p]) for p, c in captions.items()}
+    return accuracy_line(attribute_accuracy(captions, truths)), misses
+
+
 def write_html(results: list[Captioned], path: str | os.PathLike, title: str = "Generated captions",
-               references: dict[str, list[str]] | None = None, summary: str = "") -> None:
+               references: dict[str, list[str]] | None = None, summary: str = "",
+               misses: dict[str, list[str]] | None = None) -> None:
     """A self-contained page (thumbnails embedded) of images with their captions; `references` (path -> human
-    captions) shows them under each caption, `summary` (plain text) above the grid."""
-    references = references or {}
+    captions) shows them under each caption, `misses` (path -> what the caption gets wrong) in red,
+    `summary` (plain text) above the grid."""
+    references, misses = references or {}, misses or {}
     cards = []
     for r in results:
         name = html.escape(os.path.basename(r.path))
@@ -197,8 +235,10 @@ def write_html(results: list[Captioned], path: str | os.PathLike, title: str = "
             cards.append(f'<figure class="bad"><figcaption><b>{name}</b><br>unreadable: {html.escape(r.error)}</figcaption></figure>')
             continue
         refs = "".join(f"<li>{html.escape(c)}</li>" for c in references.get(r.path, []))
+        miss = "<br>".join(html.escape(m) for m in misses.get(r.path, []))
         cards.append(f'<figure><img src="data:image/jpeg;base64,{_thumbnail(r.path)}" alt="{name}">'
                      f'<figcaption><b>{html.escape(r.caption)}</b><br><small>{name}</small>'
+                     + (f'<br><small class="bad">{miss}</small>' if miss else "")
                      + (f'<ul class="refs">{refs}</ul>' if refs else "") + _attention_strip(r) + '</figcaption></figure>')
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>

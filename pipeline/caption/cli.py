@@ -23,9 +23,20 @@ from pipeline.decoder.decode import DecodeConfig, EvaluateConfig
 @click.option("--html", "html_out", default=None, type=click.Path(), help="Also write a page of thumbnails and captions.")
 @click.option("--attention", is_flag=True, help="With --html and an attention decoder (train.decoder: attend): "
               "show where it looked for each word.")
-def caption(inputs, checkpoint, batch_size, encoder_weights, json_out, html_out, attention, **options):
-    """Caption image files: IMAGE, DIR or GLOB... Prints path<TAB>caption."""
-    from pipeline.caption.caption import caption_images, write_html, write_results_json
+@click.option("--references", default=None, type=click.Path(dir_okay=False),
+              help="A COCO captions file: the page shows its captions of each image (matched by file_name).")
+def caption(inputs, checkpoint, batch_size, encoder_weights, json_out, html_out, attention, references, **options):
+    """Caption image files: IMAGE, DIR or GLOB... Prints path<TAB>caption.
+
+    Where the images' folder says their attributes (the demo's attributes.json), it also prints how often the
+    captions say them rightly, and the page shows it and what each caption gets wrong."""
+    from pipeline.caption.caption import (
+        attribute_report,
+        caption_images,
+        read_references,
+        write_html,
+        write_results_json,
+    )
     from pipeline.core.errors import PipelineError
     from pipeline.core.storage import reporting_disk_errors
 
@@ -43,11 +54,16 @@ def caption(inputs, checkpoint, batch_size, encoder_weights, json_out, html_out,
             note = write_results_json(results, json_out)
         if note:
             click.echo(f"note: {note}", err=True)
+    summary, misses = attribute_report(results)
     if html_out:
+        refs = read_references(references, results) if references else {}
         with reporting_disk_errors(html_out, "free space, or choose another --html"):
-            write_html(results, html_out)
+            write_html(results, html_out, title=f"Captions by {checkpoint}", references=refs, summary=summary,
+                       misses=misses)
     print_results(results)
     click.echo(f"captioned {len(results) - bad} images, {bad} unreadable", err=True)
+    if summary:
+        click.echo(summary, err=True)
 
 
 def print_results(results) -> None:

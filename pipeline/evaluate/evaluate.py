@@ -3,6 +3,8 @@
 Decodes the split from the cached features (no CNN run), writes the COCO results JSON
 ([{"image_id", "caption"}]) and a metrics JSON with BLEU-1..4, METEOR, ROUGE-L and CIDEr from
 pycocoevalcap, on its own scales (BLEU, METEOR, ROUGE-L 0-1; CIDEr 0-10). METEOR needs Java; SPICE needs model downloads and is left out.
+On the demo's pictures, whose attributes are known (pipeline.decoder.attributes), the metrics also say how
+often the captions state each attribute rightly and wrongly, which n-gram scores cannot.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pipeline.core.fileio import write_json
 from pipeline.core.manifest import SPLITS, check_cache_captions
 from pipeline.core.runtime import choose_device, tune
 from pipeline.core.storage import check_free_space, ensure_writable, reporting_disk_errors
+from pipeline.decoder.attributes import accuracy_line, attribute_accuracy, read_row_truths
 from pipeline.decoder.checkpoint import load_checkpoint, needs_grid, restore_decoder
 from pipeline.decoder.data import CaptionData, load_cache
 from pipeline.decoder.decode import decode_rows
@@ -38,6 +41,7 @@ class EvalSummary:
     results_path: str = ""
     split_images: int = 0  # images of the split in the cache, scored or not
     left_out: dict = field(default_factory=dict)  # reason -> images of the split not scored
+    attributes: dict = field(default_factory=dict)  # the demo's: attribute_accuracy of the captions, else {}
 
     def table(self) -> str:
         keys = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
@@ -46,6 +50,7 @@ class EvalSummary:
             lines = [f"{self.split}: {self.images} of {self.split_images} images, {self.seconds:.1f} s; "
                      f"left out: {describe_left_out(self.left_out)}"]
         lines += [f"  {k:<8} {self.scores[k]:.4f}" for k in keys if k in self.scores]
+        lines += [f"  {accuracy_line(self.attributes)}"] if self.attributes else []
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -107,6 +112,13 @@ def check_outputs(out: Path, results: Path, n_images: int) -> None:
                          f"free space, or choose another {flag}")
 
 
+def attribute_scores(data: CaptionData, rows, candidates: dict) -> dict:
+    """attribute_accuracy of the captions of the scored images whose folder says their attributes (the demo's);
+    {} when none does."""
+    truths = {data.manifest.images[r].id: t for r, t in read_row_truths(data.manifest, rows).items()}
+    return attribute_accuracy(candidates, truths) if truths else {}
+
+
 def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = paths.CACHE_DIR, cfg: EvaluateConfig | None = None,
              out: str | os.PathLike = paths.EVAL_METRICS, results: str | os.PathLike | None = None,
              batch_size: int = 256, allow_overlap: bool = False) -> EvalSummary:
@@ -153,12 +165,13 @@ def evaluate(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike = paths
     notes = list(report.notes) + ([overlap_note] if overlap_note else [])
     with reporting_disk_errors(results, "free space, or choose another --results"):
         write_json(results, [{"image_id": i, "caption": c} for i, c in candidates.items()])
+    attributes = attribute_scores(data, rows, candidates)
     seconds = time.perf_counter() - started
-    metrics = {**report.scores, "split": split, "images": len(rows), "split_images": split_images,
+    metrics = {**report.scores, **({"attributes": attributes} if attributes else {}), "split": split, "images": len(rows), "split_images": split_images,
                "left_out": left_out, "beam_size": beam_size,
                "max_length": max_length, "length_penalty": length_penalty, "tokenizer": report.tokenizer,
                "checkpoint_epoch": int(ckpt["epoch"]), "notes": notes}
     with reporting_disk_errors(out, "free space, or choose another --out"):
         write_json(out, metrics)
     return EvalSummary(split, len(rows), dict(report.scores), notes, seconds, str(out), str(results),
-                       split_images, left_out)
+                       split_images, left_out, attributes)

@@ -98,7 +98,7 @@ def vocabulary_from(path: str | os.PathLike) -> Vocabulary:
     if path.is_dir() or path.suffix == ".json":
         return Vocabulary.load(path)
     if not path.is_file():
-        raise PipelineError(f"--vocab {path}: no such file: pass a vocab.json or a checkpoint (e.g. checkpoints/best.pt)")
+        raise PipelineError(f"--vocab {path}: no such file: pass a vocab.json or a checkpoint (e.g. {paths.FINAL_CHECKPOINT})")
     import torch  # only here: prepare otherwise never needs it
 
     try:

@@ -11,7 +11,9 @@ image's reference captions (`pipeline.scst.cider`, document frequencies of the t
 
 The CNN is never run: like train, this reads the cached features only. After every epoch rank 0
 decodes the validation images greedily and keeps the best CIDEr as best.pt; the cross-entropy model
-itself is scored first (epoch 0), so best.pt is never worse on validation than where SCST started.
+itself is scored first (epoch 0), so best.pt is never worse on validation than where SCST started. On the
+demo, whose pictures' attributes are known, an epoch whose captions get fewer validation pictures all right
+(pipeline.decoder.attributes) than the start is never kept as best.pt, whatever its CIDEr.
 Checkpoints have train's format, so evaluate and caption take them as they are.
 
 Outputs:  OUT/last.pt, OUT/best.pt
@@ -38,7 +40,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +49,10 @@ from tqdm import tqdm
 
 from pipeline.core import distributed, paths
 from pipeline.core.errors import PipelineError
+from pipeline.decoder.attributes import attribute_accuracy, read_row_truths
 from pipeline.decoder.checkpoint import load_checkpoint, needs_grid, restore_decoder, same_cache
 from pipeline.decoder.data import load_cache
+from pipeline.decoder.decode import decode_rows
 from pipeline.decoder.model import ModelConfig
 from pipeline.decoder.overlap import RECORD_KEY, training_images_record
 from pipeline.scst.cider import CiderD, load_or_build_df
@@ -58,9 +62,12 @@ from pipeline.trainer.outputs import check_room, claim_outputs
 from pipeline.trainer.plots import plot_scst
 from pipeline.trainer.run import Run, RunState, place, rank_seed, resume, val_rows
 
-SCORE_KEYS = ("val_loss", "CIDEr", "BLEU-4")
+SCORE_KEYS = ("val_loss", "CIDEr", "BLEU-4", "all_right")  # all_right: the demo's only (see ScstRun.validate)
 LOG_NAMES = ("scst_steps.csv", "scst_epochs.json", "scst.json", "scst.png")
 STEP_KEYS = ("reward", "baseline", "length", "loss")
+# what each training epoch's row of scst_epochs.json says about its sampling; the starting row (epoch 0, no
+# sampling) has them too, as null, since `dvc plots` fails on rows that lack keys of the others
+EPOCH_KEYS = ("reward", "baseline", "sample_length", "seconds", "samples_per_second")
 
 
 @dataclass
@@ -97,6 +104,21 @@ class ScstRun(Run):
     scorer: CiderD  # anything with CiderD.score
     train_images: torch.Tensor  # (N_train,) image rows with a valid feature and reference captions
     init: str = ""  # the cross-entropy checkpoint SCST started from
+    val_truths: dict = field(default_factory=dict)  # val image row -> its attributes where known (the demo's)
+
+    def validate(self) -> dict:
+        """Run.validate, plus, where the val pictures' attributes are known (the demo), the share of greedy
+        captions that get them all right: on the demo CIDEr rose while captions said "on the right" for every
+        place, so best.pt must not lower this share (end_of_epoch)."""
+        row = super().validate()
+        if self.val_truths:
+            v = self.data.vocab
+            hyps = decode_rows(self.model, self.data, self.val_images, self.device, beam_size=1,
+                               max_length=self.cfg.max_length, start_id=v.start_id, end_id=v.end_id,
+                               banned_ids=(v.pad_id, v.start_id, v.unk_id))
+            captions = {int(r): v.decode(h.tokens) for r, h in zip(self.val_images, hyps)}
+            row["all_right"] = attribute_accuracy(captions, self.val_truths)["all_right"]
+        return row
 
     def checkpoint_entry(self) -> dict:
         return {"scst": {"init": self.init, **asdict(self.cfg)}}
@@ -172,7 +194,8 @@ def setup(cache_dir: Path, init: Path, out: Path, metrics_dir: Path, cfg: ScstCo
                    references=data.references(val_images),
                    record=ckpt.get(RECORD_KEY) or training_images_record(data),  # the images cross-entropy trained on
                    out=out, metrics_dir=metrics_dir, log=log if dist.is_main else (lambda m: None), scorer=scorer,
-                   train_images=torch.from_numpy(with_refs).long(), init=str(init))
+                   train_images=torch.from_numpy(with_refs).long(), init=str(init),
+                   val_truths=read_row_truths(data.manifest, val_images) if dist.is_main else {})
 
 
 def resume_or_start(run: ScstRun, wanted: bool) -> ScstState:
@@ -191,7 +214,7 @@ def resume_or_start(run: ScstRun, wanted: bool) -> ScstState:
         run.log(f"--resume: no {run.last} yet, starting SCST from {run.init}")
     state = ScstState()
     if run.dist.is_main:
-        row = {"epoch": 0, "step": 0, **run.validate()}
+        row = {"epoch": 0, "step": 0, **dict.fromkeys(EPOCH_KEYS), **run.validate()}
         state.history.append(row)
         state.best_score, state.best = row.get("CIDEr", -math.inf), {k: row[k] for k in SCORE_KEYS if k in row}
         run.log("start: " + " ".join(f"{k} {row[k]:.4f}" for k in SCORE_KEYS if k in row) + f" ({run.init})")
@@ -271,7 +294,9 @@ def end_of_epoch(run: ScstRun, state: ScstState, epoch: int) -> None:
     if run.dist.is_main:
         row = state.history[-1]
         row.update(run.validate())
-        improved = state.keep_best(row, row.get("CIDEr", -math.inf), SCORE_KEYS, epoch)
+        start = state.history[0].get("all_right") if state.history else None
+        kept = start is None or row.get("all_right", start) >= start  # never fewer demo pictures all right
+        improved = state.keep_best(row, row.get("CIDEr", -math.inf) if kept else -math.inf, SCORE_KEYS, epoch)
         run.log(f"scst epoch {epoch + 1}: reward {row['reward']:.4f} baseline {row['baseline']:.4f} "
                 f"length {row['sample_length']:.2f} " + " ".join(f"{k} {row[k]:.4f}" for k in SCORE_KEYS if k in row)
                 + f" {row['samples_per_second']:.0f} samples/s" + (" (best)" if improved else ""))
