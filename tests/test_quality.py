@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny_recipe(tmp_path: Path) -> Path:
     recipe = yaml.safe_load((Path(__file__).parents[1] / "configs" / "flickr8k.yaml").read_text())
     recipe["extract"].update(arch="resnet18", weights="none", resize=72, crop=64, batch_size=4, workers=0)
-    recipe["train"].update(embed_size=16, hidden_size=24, epochs=2, batch_size=8, patience=0, device="cpu")
+    recipe["train"].update(embed_size=16, hidden_size=24, attention_size=8, epochs=2, batch_size=8, patience=0, device="cpu")
     recipe["scst"].update(epochs=1, batch_size=2, device="cpu")
     recipe["evaluate"].update(tokenizer="simple", device="cpu")
     recipe["prepare"].update(vocab_threshold=1)
@@ -38,7 +38,8 @@ def test_the_whole_run_writes_scores_anchors_and_a_gallery(flickr8k_dataset, tmp
     assert result.exit_code == 0, result.output
     report = json.loads((work / "quality.json").read_text())
     assert report["splits"] == {"train": 4, "val": 2, "test": 3}  # 6 listed train (1 missing on disk), dev -> test
-    assert set(report["scores"]) == {"cross-entropy", "SCST", "image-blind"}
+    # the recipe's attention decoder, and Show-and-Tell trained beside it on the same cache
+    assert set(report["scores"]) == {"cross-entropy", "SCST", "image-blind", "showtell cross-entropy", "showtell SCST"}
     assert all(set(s) >= {"BLEU-4", "CIDEr", "ROUGE-L"} for s in report["scores"].values())
     for name in ANCHORS:
         assert name in result.output
