@@ -233,8 +233,6 @@ def _fresh_trainer(data, cfg: TrainConfig, dev: torch.device):
 def _attend_vs_showtell(data, batches: list[torch.Tensor], cfg: TrainConfig, dev: torch.device, log) -> float:
     """Seconds of train's step of the attention decoder over the Show-and-Tell one's, on the same batches
     (each read from the cache, the grid's rows from the file, as train does)."""
-    from dataclasses import replace
-
     from pipeline.train.train import run_epoch
 
     seconds = {}

@@ -48,7 +48,7 @@ from pipeline.encoder.encoder import encode_images, load_encoder, make_spec
 from pipeline.encoder.images import Preprocess, image_batches
 from pipeline.extract.changes import image_stats
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.parts import NP_DTYPES, Chunk, Parts, Plan, cache_bytes, chunks, make_plan
+from pipeline.extract.parts import NP_DTYPES, Chunk, Parts, Plan, cache_bytes, chunks, make_plan, row_size_text
 
 
 @dataclass
@@ -217,9 +217,8 @@ def _compute(inputs: Inputs, mine: list[Chunk], parts: Parts, dev: torch.device,
             parts.drop_if_empty()
         if is_disk_error(e):  # the disk filled up while parts were written
             n, d, dtype = len(inputs.manifest.images), inputs.spec.feature_dim, inputs.cfg.dtype
-            grid = f" x (1 + {parts.regions} regions)" if parts.regions else ""
-            raise disk_error(e, parts.dir, f"the cache needs about {n} x {d} x {np.dtype(NP_DTYPES[dtype]).itemsize}"
-                             f"{grid} bytes = {human_bytes(cache_bytes(n, d, dtype, parts.regions))} (and as much again for the parts "
+            raise disk_error(e, parts.dir, f"the cache needs about {n} x {row_size_text(d, dtype, parts.regions)} "
+                             f"bytes = {human_bytes(cache_bytes(n, d, dtype, parts.regions))} (and as much again for the parts "
                              f"while they are joined); finished parts are kept: free space, or use --out "
                              f"on a larger disk, and rerun") from None
         raise

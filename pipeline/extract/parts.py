@@ -281,12 +281,16 @@ def cache_bytes(n: int, d: int, dtype: str, regions: int = 0) -> int:
     return n * d * (1 + regions) * np.dtype(NP_DTYPES[dtype]).itemsize
 
 
+def row_size_text(d: int, dtype: str, regions: int = 0) -> str:
+    """One image's bytes as the space messages spell them: '512 x 2', '512 x 2 x (1 + 49 regions)'."""
+    return f"{d} x {np.dtype(NP_DTYPES[dtype]).itemsize}" + (f" x (1 + {regions} regions)" if regions else "")
+
+
 def _check_space(out: Path, n: int, pending_rows: int, d: int, dtype: str, regions: int = 0) -> None:
     """Refuse before any work when `out`'s disk cannot hold the cache: N x D x bytes for features.h5 (times
     1 + G*G with the grid), plus the parts still to compute (they stay until features.h5 is joined from them)."""
-    b = np.dtype(NP_DTYPES[dtype]).itemsize
     need = cache_bytes(n, d, dtype, regions) + cache_bytes(pending_rows, d, dtype, regions) + 64 * n  # + valid/ids/...
-    per = f"{d} x {b}" + (f" x (1 + {regions} regions)" if regions else "")
+    per = row_size_text(d, dtype, regions)
     check_free_space(out.parent, need, f"the cache needs about {n} x {per} bytes for {out.name} plus "
                      f"{pending_rows} x {per} for the parts still to compute",
                      "free space, or use --out on a larger disk")
