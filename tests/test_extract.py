@@ -132,21 +132,23 @@ def write_then_die(self, k, *args):
 Parts.write_part = write_then_die
 from pipeline.extract.config import ExtractConfig
 ex.extract(sys.argv[1], ExtractConfig(arch="resnet18", weights="none", resize=72, crop=64, batch_size=3,
-           chunk_size=5, workers=0, features=sys.argv[3], grid_size=3), out=sys.argv[2], progress=False)
+           chunk_size=5, workers=0, features=sys.argv[3], grid_size=3, compile=sys.argv[4]), out=sys.argv[2],
+           progress=False)
 """
 
 
-@pytest.mark.parametrize("features", ["pooled", "grid"])
-def test_resume_after_kill_is_identical(prepared_cache, features):
+@pytest.mark.parametrize("features, compile", [("pooled", "false"), ("grid", "false"), ("grid", "true")])
+def test_resume_after_kill_is_identical(prepared_cache, features, compile):
     out = prepared_cache / "resumed.h5"
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(prepared_cache), str(out), features], capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(prepared_cache), str(out), features, compile],
+                          capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     parts = sorted(p.name for p in (prepared_cache / "resumed.h5.parts").glob("part-*.npz"))
     assert parts == ["part-000000.npz", "part-000001.npz"] and not out.exists()
     # a different chunk size must not silently mix with the unfinished run
     with pytest.raises(PipelineError, match="unfinished extraction"):
         extract(prepared_cache, out=out, chunk_size=4, **{**SMALL, "batch_size": 3})
-    same = {**SMALL, "batch_size": 3, "features": features, "grid_size": 3}
+    same = {**SMALL, "batch_size": 3, "features": features, "grid_size": 3, "compile": compile}
     resumed = extract(prepared_cache, out=out, chunk_size=5, **same)
     n = len(load_manifest(prepared_cache).images)
     assert resumed.computed == n - 10  # the two finished chunks were not redone

@@ -67,6 +67,8 @@ def _problem(value: Any, tp, meta) -> tuple[Any, str | None]:
     base = _base_type(tp)
     if value is None and type(None) in typing.get_args(tp):
         return None, None
+    if isinstance(value, bool) and base is str and str(value).lower() in (meta.get("choices") or ()):
+        value = str(value).lower()  # params.yaml's `compile: true` is YAML's bool: the choice "true"
     if isinstance(value, bool) and base is not bool:
         return value, f"must be {base.__name__}, got {value!r}"
     if base is int and isinstance(value, float):

@@ -11,6 +11,7 @@ from pipeline.core.settings import Settings, setting
 from pipeline.encoder.archs import ARCHS
 from pipeline.extract.changes import VERIFY_CHOICES
 
+COMPILE_CHOICES = ("auto", "true", "false")  # pipeline.encoder.compiled.decide reads them
 DTYPES = ("float16", "float32")
 FEATURES = ("pooled", "grid")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -47,6 +48,10 @@ class ExtractConfig(Settings):
     batch_size: int = setting(64, "Images per forward pass.", min=1)
     chunk_size: int = setting(1024, "Rows per durable chunk: an interrupted run loses at most one chunk of work.",
                               min=1)
+    compile: str = setting("auto", "torch.compile the encoder (inductor, weights frozen): true, false, or auto "
+                           "(compile only when the images to do repay its compile time: never on the CPU, where it "
+                           "measured no faster; see pipeline/encoder/compiled.py). Features agree either way.",
+                           choices=COMPILE_CHOICES)
     workers: int | None = setting(None, "DataLoader decode workers [default: 2 on CPU (measured fastest, see "
                                   "runtime.py), cores-1 on CUDA].", min=0)
     device: str = setting("auto", DEVICE_HELP)

@@ -44,6 +44,7 @@ from pipeline.core.locks import hold
 from pipeline.core.manifest import MANIFEST_NAME, Manifest, load_manifest
 from pipeline.core.runtime import choose_device, default_workers
 from pipeline.core.storage import as_disk_error, disk_error, human_bytes, is_disk_error
+from pipeline.encoder.compiled import maybe_compile
 from pipeline.encoder.encoder import encode_images, load_encoder, make_spec
 from pipeline.encoder.images import Preprocess, image_batches
 from pipeline.extract.changes import image_stats
@@ -130,7 +131,8 @@ def _extract(cache_dir, cfg: ExtractConfig | None, out, force: bool, progress: b
         summary.note = plan.note
         return summary
     started = time.perf_counter()
-    computed, steady = _compute(inputs, plan.pending[dist.rank::dist.world_size], parts, dev,
+    todo = sum(e - s for _, s, e in plan.pending)  # the run's images, every rank's: one compile decision for all
+    computed, steady = _compute(inputs, plan.pending[dist.rank::dist.world_size], parts, dev, todo,
                                 progress and dist.is_main, dist.is_main)
     # also the barrier: every part is written before rank 0 joins them
     done = dist.all_gather((computed, time.perf_counter() - started, steady))
@@ -204,14 +206,14 @@ def refuse_input_as_out(out: Path, cache_dir: Path, manifest: Manifest) -> None:
                         f"it; choose another --out (by default they go to {cache_dir / FEATURES_NAME})")
 
 
-def _compute(inputs: Inputs, mine: list[Chunk], parts: Parts, dev: torch.device, progress: bool,
+def _compute(inputs: Inputs, mine: list[Chunk], parts: Parts, dev: torch.device, todo: int, progress: bool,
              is_main: bool) -> tuple[int, float]:
     """This rank's chunks computed into parts: (images computed, steady images/s: see ExtractSummary). A disk
     that fills up meanwhile is refused with what the cache needs; finished parts are kept."""
     if not mine:
         return 0, 0.0
     try:
-        return _encode_chunks(inputs, mine, parts, dev, progress)
+        return _encode_chunks(inputs, mine, parts, dev, todo, progress, is_main)
     except BaseException as e:
         if is_main:
             parts.drop_if_empty()
@@ -224,9 +226,10 @@ def _compute(inputs: Inputs, mine: list[Chunk], parts: Parts, dev: torch.device,
         raise
 
 
-def _encode_chunks(inputs: Inputs, pending: list[Chunk], parts: Parts, dev: torch.device,
-                   progress: bool) -> tuple[int, float]:
-    """Compute the `pending` chunks' parts; returns (images computed, steady images/s: see ExtractSummary)."""
+def _encode_chunks(inputs: Inputs, pending: list[Chunk], parts: Parts, dev: torch.device, todo: int,
+                   progress: bool, is_main: bool) -> tuple[int, float]:
+    """Compute the `pending` chunks' parts (the encoder compiled or not as cfg.compile decides for the run's
+    `todo` images); returns (images computed, steady images/s: see ExtractSummary)."""
     cfg, manifest, spec = inputs.cfg, inputs.manifest, inputs.spec
     # Batches are cut inside each chunk, so resuming reproduces the uninterrupted run's batches.
     batches = [list(range(b, min(b + cfg.batch_size, e))) for _, s, e in pending for b in range(s, e, cfg.batch_size)]
@@ -235,7 +238,10 @@ def _encode_chunks(inputs: Inputs, pending: list[Chunk], parts: Parts, dev: torc
     stats = {k: image_stats(paths[s:e], cfg.verify == "hash") for k, s, e in pending}
     workers = default_workers(dev) if cfg.workers is None else cfg.workers
     images = image_batches(paths, inputs.preprocess, batches, dev, workers, cfg.gpu_decode)  # decoding starts now
-    encoder = load_encoder(spec, dev)
+    log = partial(print, file=sys.stderr) if is_main else (lambda msg: None)
+    encoder, compiled, why = maybe_compile(load_encoder(spec, dev), cfg.compile, dev, todo, cfg.batch_size, log)
+    if progress or compiled:
+        log(why)
     total = sum(e - s for _, s, e in pending)
     bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, dynamic_ncols=True,
                file=sys.stderr, smoothing=0.1)
