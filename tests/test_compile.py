@@ -20,14 +20,17 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def test_auto_compiles_only_runs_that_repay_it():
-    assert decide("auto", CPU, 10**9)[0] is False  # never on the CPU: measured no faster
-    least = compiled.MIN_IMAGES["cuda"]
-    assert decide("auto", CUDA, least - 1)[0] is False
-    on, why = decide("auto", CUDA, least)
-    assert on and str(least) in why
-    assert decide("true", CPU, 1)[0] is True and decide("false", CUDA, 10**9)[0] is False
+    assert decide("auto", CPU, 10**9, "resnet")[0] is False  # a compiled ResNet measured no faster on the CPU
+    for dev, family in ((CPU, "efficientnet_lite"), (CUDA, "resnet")):
+        least = compiled.MIN_IMAGES[dev.type, family]
+        assert decide("auto", dev, least - 1, family)[0] is False
+        on, why = decide("auto", dev, least, family)
+        assert on and str(least) in why
+    assert decide("auto", CPU, 8_091, "efficientnet_lite")[0] is False  # Flickr8k: eager
+    assert decide("auto", CPU, 123_287, "efficientnet_lite")[0] is True  # COCO: compiled
+    assert decide("true", CPU, 1, "resnet")[0] is True and decide("false", CUDA, 10**9, "resnet")[0] is False
     encoder = torch.nn.Identity()
-    assert maybe_compile(encoder, "auto", CPU, 123_287, 64)[:2] == (encoder, False)
+    assert maybe_compile(encoder, "auto", CPU, 123_287, "resnet", 64)[:2] == (encoder, False)
 
 
 def test_yaml_bools_name_the_choices():

@@ -29,6 +29,7 @@ from pipeline.core.manifest import ImageRecord, Manifest
 from pipeline.core.runtime import autocast, choose_device, cpu_count, default_workers, heap_allocations, tune
 from pipeline.decoder.decoders import make_decoder
 from pipeline.decoder.model import ModelConfig
+from pipeline.encoder.compiled import Compiled
 from pipeline.encoder.encoder import build_encoder, encode_images, load_encoder, make_spec, set_layout
 from pipeline.encoder.images import Preprocess, image_batches
 from pipeline.extract.config import ExtractConfig
@@ -69,6 +70,19 @@ def _way_name(dev: torch.device, threads: int, allocator: str, layout: str | Non
     return ", ".join(parts) or "default"
 
 
+def _rate(module, decoded: torch.Tensor, batches: list[list[int]], dev: torch.device, amp: str) -> float:
+    """Images/s of `module` over `batches` of the decoded uint8 images, after a warm-up batch (oneDNN/cuDNN pick
+    their kernels on the first call)."""
+    with torch.inference_mode(), autocast(dev, amp):
+        module(decoded[: len(batches[0])].to(dev))
+        _sync(dev)
+        t0 = time.perf_counter()
+        for b in batches:
+            module(decoded[b[0]: b[-1] + 1].to(dev, non_blocking=True)).cpu()
+        _sync(dev)
+        return sum(len(b) for b in batches) / (time.perf_counter() - t0)
+
+
 def bare_forward_variants(encoder, decoded: torch.Tensor, batches: list[list[int]], dev: torch.device, amp: str,
                           trial_batches: int = 2, log=print) -> dict[str, float]:
     """Images/s of the bare encoder forward on decoded uint8 images (N, 3, S, S), in every way that could be
@@ -83,14 +97,7 @@ def bare_forward_variants(encoder, decoded: torch.Tensor, batches: list[list[int
         set_layout(encoder, channels_last=layout == "channels_last")
         torch.set_num_threads(threads)
         heap_allocations(ALLOCATORS[allocator])
-        with torch.inference_mode(), autocast(dev, amp):
-            encoder(decoded[: len(some[0])].to(dev))  # warm-up (oneDNN/cuDNN pick their kernels)
-            _sync(dev)
-            t0 = time.perf_counter()
-            for b in some:
-                encoder(decoded[b[0]: b[-1] + 1].to(dev, non_blocking=True)).cpu()
-            _sync(dev)
-            return sum(len(b) for b in some) / (time.perf_counter() - t0)
+        return _rate(encoder, decoded, some, dev, amp)
 
     out, ways = {}, [(*w, layout) for layout in ("nchw", "channels_last") for w in _cpu_ways(dev)]
     try:
@@ -107,6 +114,48 @@ def bare_forward_variants(encoder, decoded: torch.Tensor, batches: list[list[int
         set_layout(encoder, channels_last=True)
         tune(dev, fixed_shapes=True)  # as `extract` runs
     return out
+
+
+def compiled_forward(spec, decoded: torch.Tensor, batches: list[list[int]], dev: torch.device, amp: str,
+                     log=print) -> tuple[dict[str, float], float | None]:
+    """The folded encoder compiled as `extract --compile true` runs it (inductor, weights frozen, one batch size;
+    channels_last, the default threads, heap allocations): ({name: images/s}, compile seconds), or ({}, None)
+    where compiling fails here."""
+    heap_allocations(True)
+    encoder = Compiled(load_encoder(spec, dev), len(batches[0]), fallback=True, log=log)
+    with torch.inference_mode(), autocast(dev, amp):
+        encoder(decoded[: len(batches[0])].to(dev))  # compiles
+    if encoder.eager:
+        return {}, None
+    name = f"{_way_name(dev, torch.get_num_threads(), 'heap', 'channels_last')} (all images)"
+    out = {name: _rate(encoder, decoded, batches, dev, amp)}
+    log(f"  compiled forward {name + ':':<36}{out[name]:8.1f} images/s  (compiling took "
+        f"{encoder.compile_seconds:.1f} s)")
+    return out, encoder.compile_seconds
+
+
+def reference_forward(arch: str, decoded: torch.Tensor, batches: list[list[int]], dev: torch.device,
+                      log=print) -> float | None:
+    """Images/s of an EfficientNet-Lite's pooled features through the reference package (efficientnet-lite-pytorch),
+    as it ships (NCHW, eager, BatchNorm kept), on the same images: what our own network code is compared with.
+    None for other archs, or when the package is not installed."""
+    if not arch.startswith("efficientnet_lite"):
+        return None
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        log("  reference package: not installed (pip install efficientnet-lite-pytorch): not timed")
+        return None
+    from pipeline.encoder.efficientnet_lite import weights_file
+
+    net = EfficientNet.from_pretrained(arch.replace("_", "-"), weights_path=str(weights_file(arch))).eval().to(dev)
+
+    def pooled(images: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) uint8 -> (B, 1280)
+        return net.extract_features((images.float() - 127) / 128).mean((2, 3))
+
+    rate = _rate(pooled, decoded, batches, dev, "none")
+    log(f"  reference package forward (efficientnet-lite-pytorch, NCHW, eager):  {rate:8.1f} images/s")
+    return rate
 
 
 def _pooled_run(tmp: str, cfg: ExtractConfig, workers: int, dev: torch.device, grid, log) -> float:
@@ -157,6 +206,10 @@ def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, repe
             log(f"  {name}:")
             found = bare_forward_variants(build_encoder(spec, fold=fold).to(dev), decoded, batches, dev, amp, log=log)
             variants.update({f"{name}, {k}": v for k, v in found.items()})
+        fast, compile_s = compiled_forward(spec, decoded, batches, dev, amp, log=log)
+        variants.update({f"compiled, BatchNorm folded, {k}": v for k, v in fast.items()})
+        reference = reference_forward(arch, decoded, batches, dev, log=log)
+    eager = max(v for k, v in variants.items() if k.endswith("(all images)") and not k.startswith("compiled"))
     best = max((k for k in variants if k.endswith("(all images)")), key=variants.get)
     bare = variants[best]
     steady = full.steady_images_per_second
@@ -168,15 +221,29 @@ def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, repe
            "extract_images_per_s": full.images_per_second, "extract_steady_images_per_s": steady,
            "ratio": steady / bare, "ratio_whole_run": full.images_per_second / bare, "failures": len(full.failures),
            "peak_rss_main_mb": rss_main, "peak_rss_worker_mb": rss_child, "peak_gpu_mb": gpu_mb,
-           "pooled_steady_images_per_s": pooled}
+           "pooled_steady_images_per_s": pooled, "compile_seconds": compile_s, "reference_images_per_s": reference,
+           "compile_break_even_images": _break_even(eager, max(fast.values(), default=0.0), compile_s)}
     log(f"  limit = best bare forward ({best}): {bare:8.1f} images/s")
     log(f"  full extract, steady state:       {steady:8.1f} images/s  (after its first batch)")
     log(f"  full extract, whole run:          {full.images_per_second:8.1f} images/s  ({full.seconds:.1f} s, "
         f"start-up included)")
     log(f"  ratio extract / bare, steady:     {res['ratio']:8.3f}  (whole run: {res['ratio_whole_run']:.3f})")
+    if compile_s is not None:
+        be = res["compile_break_even_images"]
+        log(f"  compiled vs best eager:           {max(fast.values()) / eager:8.3f}x; compiling ({compile_s:.1f} s) pays "
+            + (f"after {be:,.0f} images" if be else "never (not faster)"))
+    if reference:
+        log(f"  extract / reference package:      {steady / reference:8.1f}x  (steady state)")
     log(f"  peak memory: main process {rss_main:.0f} MB, largest worker {rss_child:.0f} MB"
         + (f", GPU {gpu_mb:.0f} MB" if dev.type == "cuda" else ""))
     return res
+
+
+def _break_even(eager: float, compiled: float, compile_s: float | None) -> float | None:
+    """Images after which compiling has paid for itself: compile_s / (1 / eager - 1 / compiled); None when it never does."""
+    if compile_s is None or compiled <= eager:
+        return None
+    return compile_s / (1 / eager - 1 / compiled)
 
 
 def bench_train(cache_dir: str = paths.CACHE_DIR, cfg: TrainConfig | None = None, notebook_batches: int = 10,
