@@ -328,8 +328,10 @@ def _bare_train_variants(data, batches: list[torch.Tensor], cfg: TrainConfig, de
     prepared = [Batch.of(data, b, dev) for b in batches]
     trainer.model.train()
 
+    loss_fn = caption_loss
+
     def bare_step(batch):
-        trainer.scaler.scale(caption_loss(trainer.model, batch, trainer.amp_dtype)).backward()
+        trainer.scaler.scale(loss_fn(trainer.model, batch, trainer.amp_dtype)).backward()
         trainer.scaler.unscale_(trainer.opt)
         torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.clip)
         trainer.scaler.step(trainer.opt)
@@ -351,6 +353,27 @@ def _bare_train_variants(data, batches: list[torch.Tensor], cfg: TrainConfig, de
             name = _way_name(dev, threads, allocator)
             variants[name] = n_caps / (time.perf_counter() - t0)
             log(f"  bare decoder step, {name + ':':<26}{variants[name]:10.0f} captions/s")
+        # compiled (inductor; caption lengths vary, so with dynamic shapes), at the default threads and allocator
+        torch.set_num_threads(threads0)
+        heap_allocations(False)
+        loss_fn = torch.compile(caption_loss, dynamic=True)
+        t0 = time.perf_counter()
+        try:
+            for p in prepared[:3]:
+                bare_step(p)  # compiles
+        except Exception as e:  # noqa: BLE001 - inductor raises many kinds; all mean "not here"
+            log(f"  bare decoder step, compiled: torch.compile failed ({type(e).__name__}): not timed")
+            return variants
+        compile_s = time.perf_counter() - t0
+        _sync(dev)
+        t0 = time.perf_counter()
+        for p in prepared:
+            bare_step(p)
+        _sync(dev)
+        name = f"compiled, {_way_name(dev, threads0, 'malloc default')}"
+        variants[name] = n_caps / (time.perf_counter() - t0)
+        log(f"  bare decoder step, {name + ':':<26}{variants[name]:10.0f} captions/s  (compiling and 3 warm-up "
+            f"steps: {compile_s:.1f} s)")
     finally:
         torch.set_num_threads(threads0)
         tune(dev, fixed_shapes=False)  # as `train` runs
