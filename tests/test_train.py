@@ -509,3 +509,29 @@ def test_checkpoint_with_an_older_encoder_record_still_evaluates(cache, tmp_path
     check_compatible(old, load_cache(cache), "old.pt")  # no refusal
     s = run_evaluate(tmp_path / "old.pt", cache, split="val", out=tmp_path / "e.json", tokenizer="simple")
     assert s.images == 6
+
+
+def test_feature_stats_read_each_row_once_and_match_torch():
+    """set_stats merges blocks in one pass: a grid read from the file is read once, and the figures are exact."""
+    from pipeline.decoder.model import set_stats
+
+    class Counting:  # a (N, R, D) array that counts the rows read, like data.GridReader
+        def __init__(self, x):
+            self.x, self.reads = x, 0
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, rows):
+            self.reads += len(rows)
+            return self.x[rows]
+
+    g = torch.Generator().manual_seed(0)
+    grid = Counting(torch.randn(50, 3, 4, generator=g, dtype=torch.float64).float() * 5 + 100)
+    rows = torch.arange(1, 50, 2)  # 25 of the 50 images
+    mean, std = torch.empty(4), torch.empty(4)
+    set_stats(mean, std, grid, rows, block=7)  # blocks of 7, 7, 7, 4 images
+    assert grid.reads == len(rows)
+    want = grid.x[rows].reshape(-1, 4).double()
+    torch.testing.assert_close(mean, want.mean(0).float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(std, want.std(0).float(), rtol=1e-5, atol=0)
