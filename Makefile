@@ -39,11 +39,11 @@ demo: venv
 demo-table: venv
 	$(BIN)/pipeline bench demo
 
-# The columns that differ between experiments, and the scores: `dvc exp show` alone prints ~150 columns.
-EXP_KEEP ?= ^(Experiment|Created|State)$$|CIDEr|BLEU-4|all_right
+# The settings people change and the test scores, as a Markdown table (`dvc exp show` alone prints ~150 columns,
+# which rich shrinks to "…" in a terminal or a pipe). dvc matches --keep from the column name's start.
+EXP_KEEP ?= ^(Experiment|Created)$$|^train\.(lr|epochs|hidden_size|embed_size|dropout|blind|decoder)$$|^scst\.(lr|epochs)$$|^extract\.(arch|features)$$|^metrics/eval(_xe)?\.json:(CIDEr|BLEU-4|attributes\.all_right)$$
 exp-show: venv
-	$(DVC) exp show --no-pager --only-changed --drop 'left_out|notes|split|tokenizer|images|seconds|per_second|steps' \
-		--keep '$(EXP_KEEP)'
+	$(DVC) exp show --no-pager --md --drop '.*' --keep '$(EXP_KEEP)'
 
 # The demo's decoder against an image-blind one trained the same way, on the test split, with the params.yaml of
 # the last commit: `dvc exp run -S ...` leaves its values in params.yaml. BLIND_PARAMS=params.yaml takes yours.

@@ -68,3 +68,24 @@ def test_bench_without_the_demo_says_what_to_run(project):
     r = make(project, "bench")
     assert r.returncode == 0, r.stderr
     assert "bench extract --arch resnet18 --weights none --images data/demo/train" in r.stdout
+
+
+def test_exp_show_keeps_the_changed_settings_and_the_scores(project):
+    """`make exp-show` passes a Markdown table request and a column list that, matched as dvc matches it (from the
+    name's start), keeps the settings and test scores and drops the ~150 other columns of a demo run."""
+    import re
+
+    fake_dvc = project / ".venv" / "bin" / "dvc"
+    fake_dvc.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    fake_dvc.chmod(0o755)
+    r = subprocess.run(["make", "-s", "exp-show"], cwd=project, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    args = r.stdout.splitlines()
+    assert args[:4] == ["exp", "show", "--no-pager", "--md"] and args[4:6] == ["--drop", ".*"]
+    keep = re.compile(args[args.index("--keep") + 1])
+    wanted = ["Experiment", "Created", "train.lr", "train.epochs", "train.hidden_size", "scst.lr", "extract.arch",
+              "metrics/eval.json:CIDEr", "metrics/eval.json:BLEU-4", "metrics/eval_xe.json:attributes.all_right"]
+    others = ["metrics/train/train.json:CIDEr", "metrics/scst/scst.json:BLEU-4", "all_right", "train.seed",
+              "metrics/eval.json:METEOR", "metrics/eval.json:attributes.right.colour", "extract.batch_size", "State"]
+    assert all(keep.match(c) for c in wanted), [c for c in wanted if not keep.match(c)]
+    assert not any(keep.match(c) for c in others), [c for c in others if keep.match(c)]
