@@ -25,12 +25,12 @@ from pipeline.core.errors import PipelineError
 
 # Images to do from which `auto` compiles (None: never), per device type and encoder family, with the figures
 # that set them (`pipeline bench extract`, 1,000 Flickr8k photos, batch 64, 2 threads; README's benchmark table):
-# - cpu, resnet: compiled 0.92x eager (resnet18; 0.95-1.2x in earlier probes, within the machine's drift): never.
-# - cpu, efficientnet_lite: 1.25x (lite0, 74.9 -> 93.3 images/s) for 13 s of compiling: it pays after ~5,000 images;
-#   20,000 leaves room for a compile four times slower on a busy machine (Flickr8k stays eager, COCO compiles).
+# - cpu, resnet: the compiled resnet18 ran at 0.85-0.92x eager in three runs (0.95-1.06x in probes): never.
+# - cpu, efficientnet_lite: lite0 compiled ran at 1.25x, 1.07x and 0.86x eager in three runs, a gain no larger than
+#   the machine's drift, for 4-13 s of compiling (minutes on a busy machine): never.
 # - cuda (untested here): timm's tables (resnet50 5.1k -> 8.2k images/s, RTX 4090) save 0.07 ms an image; at ~60 s
 #   of compiling, break-even is ~800k images, beyond COCO (123k): only the largest datasets compile by default.
-MIN_IMAGES: dict[tuple[str, str], int | None] = {("cpu", "resnet"): None, ("cpu", "efficientnet_lite"): 20_000,
+MIN_IMAGES: dict[tuple[str, str], int | None] = {("cpu", "resnet"): None, ("cpu", "efficientnet_lite"): None,
                                                  ("cuda", "resnet"): 800_000, ("cuda", "efficientnet_lite"): 800_000}
 
 

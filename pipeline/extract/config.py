@@ -49,9 +49,9 @@ class ExtractConfig(Settings):
     chunk_size: int = setting(1024, "Rows per durable chunk: an interrupted run loses at most one chunk of work.",
                               min=1)
     compile: str = setting("auto", "torch.compile the encoder (inductor, weights frozen): true, false, or auto "
-                           "(compile when the images to do repay its compile time, as measured: EfficientNet-Lite on "
-                           "the CPU from 20,000 images, a ResNet on the CPU never; see pipeline/encoder/compiled.py). "
-                           "Features agree either way.", choices=COMPILE_CHOICES)
+                           "(compile when the images to do repay its compile time, as measured: never on the CPU, "
+                           "where it was not reliably faster; on CUDA from 800k images; see "
+                           "pipeline/encoder/compiled.py). Features agree either way.", choices=COMPILE_CHOICES)
     workers: int | None = setting(None, "DataLoader decode workers [default: 2 on CPU (measured fastest, see "
                                   "runtime.py), cores-1 on CUDA].", min=0)
     device: str = setting("auto", DEVICE_HELP)
