@@ -264,7 +264,8 @@ def bench_train(cache_dir: str = paths.CACHE_DIR, cfg: TrainConfig | None = None
     bare_variants = _bare_train_variants(data, batches, cfg, dev, log)
     best = max(bare_variants, key=bare_variants.get)
     bare = bare_variants[best]
-    full_s = _time_train_epoch(data, batches[:3], batches, cfg, dev)
+    # best of two, as the limit is the best of its variants: one timing alone drifts +-15% on a shared machine
+    full_s = min(_time_train_epoch(data, batches[:3], batches, cfg, dev) for _ in range(2))
     full = n_caps / full_s
     nb = batches[:notebook_batches]
     nb_caps = sum(len(b) for b in nb)
