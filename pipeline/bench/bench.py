@@ -322,16 +322,15 @@ def _attend_vs_showtell(data, batches: list[torch.Tensor], cfg: TrainConfig, dev
 def _bare_train_variants(data, batches: list[torch.Tensor], cfg: TrainConfig, dev: torch.device, log) -> dict:
     """Captions/s of the bare step (forward, loss, backward, clip, Adam: none of train's bookkeeping) on the
     epoch's batches built in advance as device tensors, in every CPU thread count (1, the default, all
-    cores) and allocator that could be the fastest: the best is the limit."""
+    cores) and allocator that could be the fastest, then at the default threads and allocator with oneDNN
+    (CPU) or cuDNN (CUDA) turned off, and compiled: the best is the limit."""
     from pipeline.trainer.batch import Batch, caption_loss
 
     trainer = _fresh_trainer(data, cfg, dev)
     prepared = [Batch.of(data, b, dev) for b in batches]
     trainer.model.train()
 
-    loss_fn = caption_loss
-
-    def bare_step(batch):
+    def bare_step(batch, loss_fn=caption_loss):
         trainer.scaler.scale(loss_fn(trainer.model, batch, trainer.amp_dtype)).backward()
         trainer.scaler.unscale_(trainer.opt)
         torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.clip)
@@ -339,42 +338,36 @@ def _bare_train_variants(data, batches: list[torch.Tensor], cfg: TrainConfig, de
         trainer.scaler.update()
         trainer.opt.zero_grad(set_to_none=True)
 
+    def timed(name: str, loss_fn=caption_loss, note: str = "") -> None:
+        t0 = time.perf_counter()
+        for p in prepared[:3]:
+            bare_step(p, loss_fn)  # warm-up (compiled: the compile too)
+        _sync(dev)
+        warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for p in prepared:
+            bare_step(p, loss_fn)
+        _sync(dev)
+        variants[name] = n_caps / (time.perf_counter() - t0)
+        log(f"  bare decoder step, {name + ':':<26}{variants[name]:10.0f} captions/s"
+            + (f"  ({note}: {warm:.1f} s)" if note else ""))
+
     threads0, n_caps, variants = torch.get_num_threads(), sum(len(b) for b in batches), {}
+    default = _way_name(dev, threads0, "malloc default")
     try:
         for threads, allocator in _cpu_ways(dev):
             torch.set_num_threads(threads)
             heap_allocations(ALLOCATORS[allocator])
-            for p in prepared[:3]:
-                bare_step(p)  # warm-up
-            _sync(dev)
-            t0 = time.perf_counter()
-            for p in prepared:
-                bare_step(p)
-            _sync(dev)
-            name = _way_name(dev, threads, allocator)
-            variants[name] = n_caps / (time.perf_counter() - t0)
-            log(f"  bare decoder step, {name + ':':<26}{variants[name]:10.0f} captions/s")
-        # compiled (inductor; caption lengths vary, so with dynamic shapes), at the default threads and allocator
+            timed(_way_name(dev, threads, allocator))
         torch.set_num_threads(threads0)
         heap_allocations(False)
-        loss_fn = torch.compile(caption_loss, dynamic=True)
-        t0 = time.perf_counter()
-        try:
-            for p in prepared[:3]:
-                bare_step(p)  # compiles
+        library = "cudnn" if dev.type == "cuda" else "mkldnn"  # the LSTM's and convolutions' kernels
+        with getattr(torch.backends, library).flags(enabled=False):
+            timed(f"{'cuDNN' if dev.type == 'cuda' else 'oneDNN'} off, {default}")
+        try:  # compiled (inductor; caption lengths vary, so with dynamic shapes)
+            timed(f"compiled, {default}", torch.compile(caption_loss, dynamic=True), "compiling and 3 warm-up steps")
         except Exception as e:  # noqa: BLE001 - inductor raises many kinds; all mean "not here"
             log(f"  bare decoder step, compiled: torch.compile failed ({type(e).__name__}): not timed")
-            return variants
-        compile_s = time.perf_counter() - t0
-        _sync(dev)
-        t0 = time.perf_counter()
-        for p in prepared:
-            bare_step(p)
-        _sync(dev)
-        name = f"compiled, {_way_name(dev, threads0, 'malloc default')}"
-        variants[name] = n_caps / (time.perf_counter() - t0)
-        log(f"  bare decoder step, {name + ':':<26}{variants[name]:10.0f} captions/s  (compiling and 3 warm-up "
-            f"steps: {compile_s:.1f} s)")
     finally:
         torch.set_num_threads(threads0)
         tune(dev, fixed_shapes=False)  # as `train` runs
