@@ -6,8 +6,8 @@ process and input shape. It pays only when the run is long enough to win that ba
 
     images x (1 / eager rate) x (1 - 1 / speed-up)  >  compile seconds
 
-`auto` compiles when the images still to do reach MIN_IMAGES for the device and encoder family, the
-break-even of that inequality at the figures measured (CPU: `pipeline bench extract` on this project's
+`auto` compiles when the images still to do reach MIN_IMAGES for the device, the break-even of that
+inequality at the figures measured (CPU: `pipeline bench extract` on this project's
 2-core machine; CUDA: published figures, untested here). The features agree with eager ones to float rounding (~1e-6, far below
 float16 storage), and nothing about compiling is in the cache's record: a cache extracted either way is
 the same cache.
@@ -23,25 +23,23 @@ from torch import nn
 
 from pipeline.core.errors import PipelineError
 
-# Images to do from which `auto` compiles (None: never), per device type and encoder family, with the figures
-# that set them (`pipeline bench extract`, 1,000 Flickr8k photos, batch 64, 2 threads; README's benchmark table):
-# - cpu, resnet: the compiled resnet18 ran at 0.85-0.92x eager in three runs (0.95-1.06x in probes): never.
-# - cpu, efficientnet_lite: lite0 compiled ran at 1.25x, 1.07x and 0.86x eager in three runs, a gain no larger than
-#   the machine's drift, for 4-13 s of compiling (minutes on a busy machine): never.
+# Images to do from which `auto` compiles (None: never), per device type, with the figures that set them
+# (`pipeline bench extract`, 1,000 Flickr8k photos, batch 64, 2 threads; README's benchmark table):
+# - cpu: the compiled resnet18 ran at 0.85-0.92x eager in three runs (0.95-1.06x in probes); lite0 at 1.25x, 1.07x
+#   and 0.86x, a gain no larger than the machine's drift, for 4-13 s of compiling (minutes on a busy machine): never.
 # - cuda (untested here): timm's tables (resnet50 5.1k -> 8.2k images/s, RTX 4090) save 0.07 ms an image; at ~60 s
 #   of compiling, break-even is ~800k images, beyond COCO (123k): only the largest datasets compile by default.
-MIN_IMAGES: dict[tuple[str, str], int | None] = {("cpu", "resnet"): None, ("cpu", "efficientnet_lite"): None,
-                                                 ("cuda", "resnet"): 800_000, ("cuda", "efficientnet_lite"): 800_000}
+MIN_IMAGES: dict[str, int | None] = {"cpu": None, "cuda": 800_000}
 
 
-def decide(setting: str, device: torch.device, images: int, family: str) -> tuple[bool, str]:
-    """(compile or not, why in a few words) for `images` still to encode on `device` with an encoder of `family`
-    (EncoderSpec.family); `setting`: auto, true or false (extract.compile)."""
+def decide(setting: str, device: torch.device, images: int) -> tuple[bool, str]:
+    """(compile or not, why in a few words) for `images` still to encode on `device`; `setting`: auto, true or
+    false (extract.compile)."""
     if setting != "auto":
         return setting == "true", f"compile: {setting}"
-    least = MIN_IMAGES.get((device.type, family))
+    least = MIN_IMAGES.get(device.type)
     if least is None:
-        return False, (f"compile auto -> eager: a compiled {family} on {device.type} was not measurably faster "
+        return False, (f"compile auto -> eager: a compiled encoder on {device.type} was not measurably faster "
                        f"(`pipeline bench extract`), so it cannot repay its compile time")
     if images < least:
         return False, f"compile auto -> eager: {images} images to do, below the {least} that repay compiling"
@@ -92,11 +90,10 @@ class Compiled(nn.Module):
         return out
 
 
-def maybe_compile(encoder: nn.Module, setting: str, device: torch.device, images: int, family: str, batch_size: int,
-                  log=None) -> tuple[nn.Module, bool, str]:
+def maybe_compile(encoder: nn.Module, setting: str, device: torch.device, images: int, batch_size: int, log=None) -> tuple[nn.Module, bool, str]:
     """(`encoder`, compiled when `decide` says so (`auto` falls back to eager where compiling fails), whether
     it was, the decision's note for the caller to log)."""
-    on, why = decide(setting, device, images, family)
+    on, why = decide(setting, device, images)
     if on:
         encoder = Compiled(encoder, max(1, min(batch_size, images)), fallback=setting == "auto", log=log)
     return encoder, on, why

@@ -239,8 +239,7 @@ def _encode_chunks(inputs: Inputs, pending: list[Chunk], parts: Parts, dev: torc
     workers = default_workers(dev) if cfg.workers is None else cfg.workers
     images = image_batches(paths, inputs.preprocess, batches, dev, workers, cfg.gpu_decode)  # decoding starts now
     log = partial(print, file=sys.stderr) if is_main else (lambda msg: None)
-    encoder, compiled, why = maybe_compile(load_encoder(spec, dev), cfg.compile, dev, todo, spec.family, cfg.batch_size,
-                                           log)
+    encoder, compiled, why = maybe_compile(load_encoder(spec, dev), cfg.compile, dev, todo, cfg.batch_size, log)
     if progress or compiled:
         log(why)
     total = sum(e - s for _, s, e in pending)
