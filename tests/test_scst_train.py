@@ -119,6 +119,11 @@ def test_bench_scst_reports_speeds_and_the_reward_share(xe, tmp_path):
     res = json.loads(out.read_text())
     assert res["scst_captions_per_s"] > 0 and res["xe_captions_per_s"] > 0 and 0 < res["reward_share"] < 1
     assert "reward (CIDEr-D) share of the step" in r.output and "met" in r.output
+    # the limit: the best of the step's ways (threads, allocator, oneDNN off, compiled), the project's beside it
+    names = set(res["variants"])
+    assert {"1 thread, heap", "1 thread, malloc default"} <= names and any(n.startswith("oneDNN off") for n in names)
+    assert res["limit_captions_per_s"] == max(res["variants"].values()) and res["scst_vs_limit"] > 0
+    assert "limit = best SCST step" in r.output and "compiled step" in r.output
     r = CliRunner().invoke(main, ["bench", "scst", "--cache-dir", str(cache), "--batch-size", "4", "--samples", "2",
                                   "--max-length", "8", "--steps", "1", "--max-reward-share", "0"])
     assert r.exit_code == 1 and "benchmark target missed: reward share" in r.output
