@@ -57,11 +57,14 @@ class GridReader:
     def __getitem__(self, rows) -> torch.Tensor:
         """rows (B,) int tensor (any order, repeats allowed) -> (B, R, D) in the stored dtype."""
         idx = np.asarray(rows, dtype=np.int64).reshape(-1)
-        uniq, inverse = np.unique(idx, return_inverse=True)  # h5py reads increasing, distinct rows
+        uniq, inverse = np.unique(idx, return_inverse=True)  # each row read once
         if self._pid != os.getpid():
             self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+        block = np.empty((len(uniq), *self.shape[1:]), self.dtype)  # (U, R, D)
         with reading(self.path, self.rebuild):
-            block = self._file[GRID_NAME][uniq] if len(uniq) else np.zeros((0, *self.shape[1:]), self.dtype)
+            grid = self._file[GRID_NAME]
+            for i, row in enumerate(uniq.tolist()):  # one chunk each: 25x faster than h5py's fancy index (0.9 s
+                grid.read_direct(block, np.s_[row], np.s_[i])  # for 128 rows of 49 x 1280), which builds a selection
         return torch.from_numpy(block[inverse])
 
 
@@ -86,7 +89,12 @@ class CaptionData:
         pooled = self.features[rows]  # (B, D)
         if self.grid is None:
             return pooled.to(device).float()
-        return torch.cat([pooled.unsqueeze(1), self.grid[rows]], 1).to(device).float()  # (B, 1 + R, D)
+        grid = self.grid[rows]  # (B, R, D)
+        if torch.device(device).type != "cpu":  # moved as stored (half the bytes of float32), converted there
+            return torch.cat([pooled.unsqueeze(1), grid], 1).to(device).float()  # (B, 1 + R, D)
+        out = torch.empty((len(grid), 1 + grid.shape[1], grid.shape[2]), dtype=torch.float32)  # (B, 1 + R, D)
+        out[:, 0], out[:, 1:] = pooled, grid  # converted in the copy: one pass over the batch, not two
+        return out
 
     def image_rows(self, split: str, valid_only: bool = True) -> torch.Tensor:
         """Rows (into features) of the images of `split`."""
