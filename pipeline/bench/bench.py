@@ -19,6 +19,7 @@ import os
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -354,26 +355,38 @@ def _bare_train_variants(data, batches: list[torch.Tensor], cfg: TrainConfig, de
         log(f"  bare decoder step, {name + ':':<26}{variants[name]:10.0f} captions/s"
             + (f"  ({note}: {warm:.1f} s)" if note else ""))
 
-    threads0, n_caps, variants = torch.get_num_threads(), sum(len(b) for b in batches), {}
+    def timed_compiled(default: str) -> None:  # inductor; caption lengths vary, so with dynamic shapes
+        timed(f"compiled, {default}", torch.compile(caption_loss, dynamic=True), "compiling and 3 warm-up steps")
+
+    n_caps, variants = sum(len(b) for b in batches), {}
+    _time_each_way(dev, timed, timed_compiled, "bare decoder step", log)
+    return variants
+
+
+def _time_each_way(dev: torch.device, time_way: Callable[[str], None], time_compiled: Callable[[str], None],
+                   what: str, log) -> None:
+    """Call time_way(name) in every CPU thread count x allocator, then at the default ones with oneDNN (CPU) or
+    cuDNN (CUDA) off, then time_compiled(default way's name); leaves threads and allocator as train and scst
+    run them. A compile that fails is logged as not timed."""
+    threads0 = torch.get_num_threads()
     default = _way_name(dev, threads0, "malloc default")
     try:
         for threads, allocator in _cpu_ways(dev):
             torch.set_num_threads(threads)
             heap_allocations(ALLOCATORS[allocator])
-            timed(_way_name(dev, threads, allocator))
+            time_way(_way_name(dev, threads, allocator))
         torch.set_num_threads(threads0)
         heap_allocations(False)
         library = "cudnn" if dev.type == "cuda" else "mkldnn"  # the LSTM's and convolutions' kernels
         with getattr(torch.backends, library).flags(enabled=False):
-            timed(f"{'cuDNN' if dev.type == 'cuda' else 'oneDNN'} off, {default}")
-        try:  # compiled (inductor; caption lengths vary, so with dynamic shapes)
-            timed(f"compiled, {default}", torch.compile(caption_loss, dynamic=True), "compiling and 3 warm-up steps")
+            time_way(f"{'cuDNN' if dev.type == 'cuda' else 'oneDNN'} off, {default}")
+        try:
+            time_compiled(default)
         except Exception as e:  # noqa: BLE001 - inductor raises many kinds; all mean "not here"
-            log(f"  bare decoder step, compiled: torch.compile failed ({type(e).__name__}): not timed")
+            log(f"  {what}, compiled: torch.compile failed ({type(e).__name__}): not timed")
     finally:
         torch.set_num_threads(threads0)
-        tune(dev, fixed_shapes=False)  # as `train` runs
-    return variants
+        tune(dev, fixed_shapes=False)  # as `train` and `scst` run
 
 
 def _time_train_epoch(data, warm_up: list[torch.Tensor], timed: list[torch.Tensor], cfg: TrainConfig,
@@ -456,7 +469,7 @@ def _scst_variants(run, warm_up: torch.Tensor, timed: list[torch.Tensor], dev: t
     from the same decoder and optimizer state and samples with the same numbers, so all do the same work."""
     model0 = copy.deepcopy(run.model.state_dict())
     opt0 = copy.deepcopy(run.opt.state_dict())
-    threads0, variants = torch.get_num_threads(), {}
+    variants = {}
 
     def timed_way(name: str, note: str = "") -> None:
         run.model.load_state_dict(model0)
@@ -467,27 +480,16 @@ def _scst_variants(run, warm_up: torch.Tensor, timed: list[torch.Tensor], dev: t
         log(f"  SCST step, {name + ':':<32}{variants[name]:10.0f} sampled captions/s"
             + (f"  ({note}: {time.perf_counter() - t0 - seconds:.1f} s)" if note else ""))
 
-    try:
-        for threads, allocator in _cpu_ways(dev):
-            torch.set_num_threads(threads)
-            heap_allocations(ALLOCATORS[allocator])
-            timed_way(_way_name(dev, threads, allocator))
-        torch.set_num_threads(threads0)
-        heap_allocations(False)
-        default = _way_name(dev, threads0, "malloc default")
-        library = "cudnn" if dev.type == "cuda" else "mkldnn"
-        with getattr(torch.backends, library).flags(enabled=False):
-            timed_way(f"{'cuDNN' if dev.type == 'cuda' else 'oneDNN'} off, {default}")
+    def timed_compiled(default: str) -> None:
         run.model.step = torch.compile(run.model.step, dynamic=True)  # the per-word step sampling repeats
         try:
             timed_way(f"compiled step, {default}", "compiling and a warm-up step")
-        except Exception as e:  # noqa: BLE001 - inductor raises many kinds; all mean "not here"
-            log(f"  SCST step, compiled: torch.compile failed ({type(e).__name__}): not timed")
         finally:
             del run.model.step
+
+    try:
+        _time_each_way(dev, timed_way, timed_compiled, "SCST step", log)
     finally:
-        torch.set_num_threads(threads0)
-        tune(dev, fixed_shapes=False)  # as `scst` runs
         run.model.load_state_dict(model0)
         run.opt.load_state_dict(opt0)
     return variants
