@@ -9,11 +9,12 @@ import torch
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.vocab import SPECIALS, Vocabulary
 from pipeline.decoder.data import CaptionData
 from pipeline.decoder.decode import greedy_decode
 from pipeline.decoder.model import CaptionDecoder, ModelConfig, ModelSettings
-from pipeline.scst import cider
+from pipeline.scst import cider, sample
 from pipeline.scst.cider import (
     DF_NAME,
     CiderD,
@@ -25,10 +26,12 @@ from pipeline.scst.cider import (
     with_end,
 )
 from pipeline.scst.sample import (
+    CompiledStep,
     greedy_baseline,
     greedy_captions,
     leave_one_out_baseline,
     sample_captions,
+    sampling_policy,
     scst_loss,
     sequence_logprobs,
 )
@@ -300,3 +303,57 @@ def test_one_scst_step_raises_the_log_probability_of_the_best_sample():
     opt.step()
     after = score()
     assert after[1] > before[1]  # the winner became more likely
+
+
+def test_compiled_step_samples_what_the_eager_step_does_and_trains_the_same():
+    """scst.compile: the compiled per-word step draws the same captions from the same numbers, with the same
+    log-probs and gradients up to float rounding; the last, smaller batch reuses it (dynamic shapes)."""
+    eager, banned = tiny_decoder(end_bias=-1.0), (PAD, START, UNK)
+    model = tiny_decoder(end_bias=-1.0)
+    notes = []
+    policy, why = sampling_policy(model, "showtell", "true", torch.device("cpu"), 1, notes.append)
+    assert isinstance(policy, CompiledStep) and why == "compile: true"
+    for images in (8, 3):
+        features = torch.randn(images, 6, generator=torch.Generator().manual_seed(images))
+        u = torch.rand(images * 4, 6, generator=torch.Generator().manual_seed(7))
+        want = sample_captions(eager, features, 4, 6, START, END, banned, uniforms=u)
+        got = sample_captions(policy, features, 4, 6, START, END, banned, uniforms=u)
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.mask, want.mask)
+        torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-5)
+        rewards = torch.rand(images * 4, generator=torch.Generator().manual_seed(8))
+        for m, s in ((eager, want), (model, got)):
+            m.zero_grad()
+            scst_loss(s.logprobs, s.mask, rewards, leave_one_out_baseline(rewards, 4)).backward()
+        for p, q in zip(model.parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-5)
+    assert policy.compile_seconds is not None and "compiled the decoder's step" in notes[0]
+    assert sampling_policy(model, "attend", "false", torch.device("cpu"), 10**9, notes.append)[0] is model
+
+
+def test_scst_compile_auto_compiles_only_runs_that_repay_it():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    model = tiny_decoder()
+    least = sample.MIN_SAMPLES[("attend", "cpu")]  # bench scst measured a gain for the attention decoder
+    assert sampling_policy(model, "attend", "auto", cpu, least - 1, print)[0] is model
+    policy, why = sampling_policy(model, "attend", "auto", cpu, least, print)
+    assert isinstance(policy, CompiledStep) and policy.fallback and str(least) in why
+    assert sampling_policy(model, "showtell", "auto", cpu, 10**9, print)[0] is model  # no gain measured
+    assert sampling_policy(model, "attend", "auto", cuda, 10**9, print)[0] is model  # never measured on a GPU
+
+
+def test_a_step_that_cannot_compile_runs_eagerly_or_says_what_to_do(monkeypatch):
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore lines")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model, notes = tiny_decoder(), []
+    features, u = torch.randn(2, 6), torch.rand(4, 5)
+    want = sample_captions(model, features, 2, 5, START, END, uniforms=u)
+    soft = CompiledStep(model, fallback=True, log=notes.append)
+    assert torch.equal(sample_captions(soft, features, 2, 5, START, END, uniforms=u).tokens, want.tokens)
+    assert soft.compiled is None and "eagerly" in notes[0] and len(notes) == 1
+    with pytest.raises(PipelineError, match="compile false") as e:
+        sample_captions(CompiledStep(model, fallback=False, log=notes.append), features, 2, 5, START, END)
+    assert "\n" not in str(e.value)

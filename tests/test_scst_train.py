@@ -73,6 +73,23 @@ def test_resume_is_exact(xe, tmp_path):
     assert (tmp_path / "am" / "scst_steps.csv").read_text() == (tmp_path / "bm" / "scst_steps.csv").read_text()
 
 
+def test_compiled_step_trains_what_eager_does_and_resumes_exactly(xe, tmp_path):
+    """scst.compile true: the same run as eager up to float rounding, the choice in the log, and within the
+    setting --resume still ends where an uninterrupted run does."""
+    cache, init = xe
+    notes = []
+    scst(cache, init, tmp_path / "e", tmp_path / "em", scfg(epochs=2, compile="false"), **QUIET)
+    scst(cache, init, tmp_path / "c", tmp_path / "cm", scfg(epochs=2, compile="true"), progress=False, log=notes.append)
+    assert "compile: true" in notes and any("compiled the decoder's step" in n for n in notes)
+    eager, compiled = (load_checkpoint(tmp_path / x / "last.pt")["model"] for x in ("e", "c"))
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=0, atol=1e-4)
+    scst(cache, init, tmp_path / "r", tmp_path / "rm", scfg(epochs=1, compile="true"), **QUIET)
+    scst(cache, init, tmp_path / "r", tmp_path / "rm", scfg(epochs=2, compile="true"), resume=True, **QUIET)
+    resumed = load_checkpoint(tmp_path / "r" / "last.pt")["model"]
+    assert all(torch.equal(resumed[k], compiled[k]) for k in compiled)
+
+
 def test_greedy_baseline_and_refusals(xe, tmp_path):
     cache, init = xe
     s = scst(cache, init, tmp_path / "g", tmp_path / "gm", scfg(epochs=1, baseline="greedy", samples=1), **QUIET)

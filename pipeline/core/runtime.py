@@ -16,6 +16,7 @@ import torch
 from pipeline.core.errors import PipelineError
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+COMPILE_CHOICES = ("auto", "true", "false")  # extract.compile, scst.compile: see decide_compile
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -91,6 +92,33 @@ def tune(device: torch.device, fixed_shapes: bool) -> None:
         torch.backends.cudnn.benchmark = True
     else:
         heap_allocations(fixed_shapes)
+
+
+def decide_compile(setting: str, device: torch.device, work: int, least: dict[str, int | None], unit: str,
+                   what: str) -> tuple[bool, str]:
+    """(torch.compile or not, why in a few words). `setting` true or false decides alone; auto compiles when
+    the run's `work` (in `unit`: images to encode, captions to sample) reaches least[device type], the
+    break-even of the measured compile time and speed-up of `what` there (None or absent: not measurably
+    faster there, or never measured: auto never compiles)."""
+    if setting != "auto":
+        return setting == "true", f"compile: {setting}"
+    at_least = least.get(device.type)
+    if at_least is None:
+        return False, (f"compile auto -> eager: no measurement shows {what} compiled faster on {device.type}, "
+                       f"so nothing says it repays its compile time")
+    if work < at_least:
+        return False, f"compile auto -> eager: {work} {unit} to do, below the {at_least} that repay compiling"
+    return True, f"compile auto -> compiled: {work} {unit} to do, at least the {at_least} that repay compiling"
+
+
+def compile_failed(error: Exception, fallback: bool, what: str, log) -> None:
+    """A torch.compile that failed at its first call (no C++ compiler, an unsupported operator): with
+    `fallback` (compile auto) say so and let the caller run `what` eagerly, else end in one line."""
+    why = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    if not fallback:
+        raise PipelineError(f"torch.compile failed ({why}); set compile false (--compile false) to run {what} "
+                            f"eagerly") from None
+    log(f"torch.compile failed ({why}): running {what} eagerly")
 
 
 def cpu_count() -> int:

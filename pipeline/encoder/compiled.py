@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.runtime import compile_failed, decide_compile
 
 # Images to do from which `auto` compiles (None: never), per device type, with the figures that set them
 # (`pipeline bench extract`, 1,000 Flickr8k photos, batch 64, 2 threads; README's benchmark table):
@@ -35,15 +35,7 @@ MIN_IMAGES: dict[str, int | None] = {"cpu": None, "cuda": 800_000}
 def decide(setting: str, device: torch.device, images: int) -> tuple[bool, str]:
     """(compile or not, why in a few words) for `images` still to encode on `device`; `setting`: auto, true or
     false (extract.compile)."""
-    if setting != "auto":
-        return setting == "true", f"compile: {setting}"
-    least = MIN_IMAGES.get(device.type)
-    if least is None:
-        return False, (f"compile auto -> eager: a compiled encoder on {device.type} was not measurably faster "
-                       f"(`pipeline bench extract`), so it cannot repay its compile time")
-    if images < least:
-        return False, f"compile auto -> eager: {images} images to do, below the {least} that repay compiling"
-    return True, f"compile auto -> compiled: {images} images to do, at least the {least} that repay compiling"
+    return decide_compile(setting, device, images, MIN_IMAGES, "images", "the encoder (`pipeline bench extract`)")
 
 
 class Compiled(nn.Module):
@@ -78,11 +70,7 @@ class Compiled(nn.Module):
             with torch._inductor.config.patch(freezing=True):
                 out = self.compiled(images)
         except Exception as e:  # noqa: BLE001 - inductor raises many kinds; all mean "cannot compile here"
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            if not self.fallback:
-                raise PipelineError(f"torch.compile failed ({why}); set compile false (--compile false) to run "
-                                    f"the encoder eagerly") from None
-            self.log(f"torch.compile failed ({why}): running the encoder eagerly")
+            compile_failed(e, self.fallback, "the encoder", self.log)
             self.eager = True
             return self.encoder(images)
         self.compile_seconds = time.perf_counter() - started

@@ -6,12 +6,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from pipeline.core.distributed import DIST_TIMEOUT_HELP, DIST_TIMEOUT_MINUTES
-from pipeline.core.runtime import AMP_CHOICES, DEVICE_HELP
+from pipeline.core.runtime import AMP_CHOICES, COMPILE_CHOICES, DEVICE_HELP
 from pipeline.core.settings import Settings, setting
 from pipeline.encoder.archs import ARCHS
 from pipeline.extract.changes import VERIFY_CHOICES
 
-COMPILE_CHOICES = ("auto", "true", "false")  # pipeline.encoder.compiled.decide reads them
 DTYPES = ("float16", "float32")
 FEATURES = ("pooled", "grid")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from pipeline.core.runtime import DEVICE_HELP
+from pipeline.core.runtime import COMPILE_CHOICES, DEVICE_HELP
 from pipeline.core.settings import Settings, setting
 
 BASELINES = ("loo", "greedy")
@@ -25,4 +25,8 @@ class ScstConfig(Settings):
     max_length: int = setting(20, "Longest sampled (and validation) caption, in words.", min=1)
     val_images: int = setting(5000, "Validation images decoded per epoch for CIDEr/BLEU-4 (0: all).", min=0)
     seed: int = setting(0, "Seed of the batch order and the sampling.")
+    compile: str = setting("auto", "torch.compile the decoder's per-word step for sampling (inductor, dynamic "
+                           "shapes): true, false, or auto (compile when the captions to sample repay its compile "
+                           "time, as measured by `pipeline bench scst`; see pipeline/scst/sample.py).",
+                           choices=COMPILE_CHOICES)
     device: str = setting("auto", DEVICE_HELP)

@@ -57,7 +57,14 @@ from pipeline.decoder.model import ModelConfig
 from pipeline.decoder.overlap import RECORD_KEY, training_images_record
 from pipeline.scst.cider import CiderD, load_or_build_df
 from pipeline.scst.config import ScstConfig
-from pipeline.scst.sample import greedy_baseline, greedy_captions, leave_one_out_baseline, sample_captions, scst_loss
+from pipeline.scst.sample import (
+    greedy_baseline,
+    greedy_captions,
+    leave_one_out_baseline,
+    sample_captions,
+    sampling_policy,
+    scst_loss,
+)
 from pipeline.trainer.outputs import check_room, claim_outputs
 from pipeline.trainer.plots import plot_scst
 from pipeline.trainer.run import Run, RunState, place, rank_seed, resume, val_rows
@@ -105,6 +112,7 @@ class ScstRun(Run):
     train_images: torch.Tensor  # (N_train,) image rows with a valid feature and reference captions
     init: str = ""  # the cross-entropy checkpoint SCST started from
     val_truths: dict = field(default_factory=dict)  # val image row -> its attributes where known (the demo's)
+    policy: object = None  # what samples: the model, or the model with its step compiled (None: the model)
 
     def validate(self) -> dict:
         """Run.validate, plus, where the val pictures' attributes are known (the demo), the share of greedy
@@ -161,6 +169,9 @@ def scst(cache_dir: str | os.PathLike = paths.CACHE_DIR, init: str | os.PathLike
         run = setup(Path(cache_dir), Path(init), Path(out), Path(metrics_dir), cfg, log)
         run.dist.decide(lambda: check_room(run.model, run.out))
         state = resume_or_start(run, resume)
+        todo = (cfg.epochs - state.epoch) * len(run.train_images) * cfg.samples  # captions still to sample
+        run.policy, why = sampling_policy(run.model, run.model_cfg.decoder, cfg.compile, run.device, todo, run.log)
+        run.log(why)
         for epoch in range(state.epoch, cfg.epochs):
             train_epoch(run, state, epoch, progress)
             end_of_epoch(run, state, epoch)
@@ -231,7 +242,7 @@ def scst_step(run: ScstRun, images: torch.Tensor, uniforms: torch.Tensor) -> dic
     k = cfg.samples
     feats = data.image_inputs(images, run.device)  # (B, D) or (B, 1 + R, D)
     run.model.train()
-    s = sample_captions(run.model, feats, k, cfg.max_length, v.start_id, v.end_id, banned,
+    s = sample_captions(run.policy or run.model, feats, k, cfg.max_length, v.start_id, v.end_id, banned,
                         uniforms=uniforms)  # N = B*k rows
     rows = images.repeat_interleave(k).numpy()  # (N,) image row of each sample
     rewards = torch.from_numpy(run.scorer.score(s.tokens.cpu(), s.lengths.cpu(), rows)).float().to(run.device)  # (N,)
