@@ -429,7 +429,6 @@ def bench_scst(cache_dir: str = paths.CACHE_DIR, cfg=None, tcfg: TrainConfig | N
     of the SCST step spent computing the reward (target: at most a quarter)."""
     from pipeline.decoder.data import load_cache
     from pipeline.scst.config import ScstConfig
-    from pipeline.scst.sample import sampling_policy
 
     cfg, tcfg = cfg or ScstConfig(), tcfg or TrainConfig()
     data = load_cache(cache_dir, grid=tcfg.decoder == "attend")
@@ -443,16 +442,15 @@ def bench_scst(cache_dir: str = paths.CACHE_DIR, cfg=None, tcfg: TrainConfig | N
     log(f"bench scst: {len(batches) - 1} steps of {cfg.batch_size} images x {cfg.samples} samples, vocab "
         f"{len(data.vocab)}, hidden {tcfg.hidden_size}, device {dev}; CIDEr-D tables built in {setup_s:.1f} s")
     timed = batches[1:] or batches  # a tiny cache with one batch: time it again rather than nothing
-    todo = cfg.epochs * len(run.train_images) * cfg.samples  # what scst would sample on this cache
-    run.policy, why = sampling_policy(run.model, tcfg.decoder, cfg.compile, dev, todo, lambda m: log(f"  {m}"))
-    log(f"  scst.compile {cfg.compile} for {cfg.epochs} epoch(s) of this cache: {why}")
+    run.log = lambda m: log(f"  {m}")
+    log(f"  scst.compile {cfg.compile} for {cfg.epochs} epoch(s) of this cache: {run.choose_policy(0)}")
     scst_s, n = _time_scst_steps(run, batches[0], timed, g)
     scst_rate, share = n / scst_s, timer.seconds / scst_s
     log(f"  SCST step (sample, reward, update): {scst_rate:10.0f} sampled captions/s  (the project's path)")
     variants, compiled = _scst_variants(run, batches[0], timed, dev, log)
     best = max(variants, key=variants.get)
-    compiled_rate = max((v for k, v in variants.items() if k.startswith("compiled")), default=0.0)
-    break_even = _break_even(compiled.get("eager", 0.0), compiled_rate, compiled.get("compile_seconds"))
+    break_even = _break_even(compiled.get("eager", 0.0), compiled.get("rate", 0.0), compiled.get("compile_seconds"))
+    todo = run.captions_to_sample(0)  # what scst would sample on this cache
     xe_batches = _xe_batches(data, tcfg, steps)
     xe_timed = xe_batches[1:] or xe_batches
     xe_rate = sum(len(b) for b in xe_timed) / _time_train_epoch(data, xe_batches[:1], xe_timed, tcfg, dev)
@@ -466,7 +464,7 @@ def bench_scst(cache_dir: str = paths.CACHE_DIR, cfg=None, tcfg: TrainConfig | N
     log(f"  limit = best SCST step ({best}): {variants[best]:6.0f} sampled captions/s; the project's path "
         f"{res['scst_vs_limit']:.2f} of it")
     if compiled:
-        log(f"  compiled step vs eager:             {compiled_rate / compiled['eager']:10.2f}x; compiling "
+        log(f"  compiled step vs eager:             {compiled['rate'] / compiled['eager']:10.2f}x; compiling "
             f"({compiled['compile_seconds']:.1f} s with a warm-up step) pays "
             + (f"after {break_even:.0f} sampled captions ({todo} on this cache)" if break_even else "never"))
     log(f"  cross-entropy step of train:        {xe_rate:10.0f} captions/s  (SCST / XE {res['scst_vs_xe']:.2f})")
@@ -478,7 +476,8 @@ def _scst_variants(run, warm_up: torch.Tensor, timed: list[torch.Tensor], dev: t
     """Sampled captions/s of scst's step in every way that could be faster than the project's: CPU thread
     counts and allocators, oneDNN (CPU) or cuDNN (CUDA) off, and the decoder's step compiled. Each starts
     from the same decoder and optimizer state and samples with the same numbers, so all do the same work.
-    Also {"compile_seconds": compiling plus the warm-up step, "eager": the same way eager} where it compiled."""
+    Also {"compile_seconds": compiling plus the warm-up step, "rate": its captions/s, "eager": the same way
+    eager's} where it compiled."""
     model0 = copy.deepcopy(run.model.state_dict())
     opt0 = copy.deepcopy(run.opt.state_dict())
     policy, run.policy, variants, compiled = run.policy, None, {}, {}  # each way says itself how the step runs
@@ -496,8 +495,9 @@ def _scst_variants(run, warm_up: torch.Tensor, timed: list[torch.Tensor], dev: t
     def timed_compiled(default: str) -> None:
         run.model.step = torch.compile(run.model.step, dynamic=True)  # the per-word step sampling repeats
         try:
-            compiled["compile_seconds"] = timed_way(f"compiled step, {default}", "compiling and a warm-up step")
-            compiled["eager"] = variants[default]
+            name = f"compiled step, {default}"
+            compiled["compile_seconds"] = timed_way(name, "compiling and a warm-up step")
+            compiled.update(rate=variants[name], eager=variants[default])
         finally:
             del run.model.step
 

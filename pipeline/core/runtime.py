@@ -10,6 +10,7 @@ import ctypes
 import os
 import re
 import sys
+import time
 
 import torch
 
@@ -111,14 +112,24 @@ def decide_compile(setting: str, device: torch.device, work: int, least: dict[st
     return True, f"compile auto -> compiled: {work} {unit} to do, at least the {at_least} that repay compiling"
 
 
-def compile_failed(error: Exception, fallback: bool, what: str, log) -> None:
-    """A torch.compile that failed at its first call (no C++ compiler, an unsupported operator): with
-    `fallback` (compile auto) say so and let the caller run `what` eagerly, else end in one line."""
-    why = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-    if not fallback:
-        raise PipelineError(f"torch.compile failed ({why}); set compile false (--compile false) to run {what} "
-                            f"eagerly") from None
-    log(f"torch.compile failed ({why}): running {what} eagerly")
+def first_compiled_call(call, fallback: bool, what: str, log, detail: str = "") -> tuple[object, float | None]:
+    """The first call of a torch.compile'd function, which compiles it: (its output, the seconds it took; logged
+    as compiling `what`, with `detail`). Where compiling fails (no C++ compiler, an unsupported operator): with
+    `fallback` (compile auto) say so and return (None, None) for the caller to run `what` eagerly, else end in
+    one line."""
+    started = time.perf_counter()
+    try:
+        out = call()
+    except Exception as e:  # noqa: BLE001 - inductor raises many kinds; all mean "cannot compile here"
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if not fallback:
+            raise PipelineError(f"torch.compile failed ({why}); set compile false (--compile false) to run {what} "
+                                f"eagerly") from None
+        log(f"torch.compile failed ({why}): running {what} eagerly")
+        return None, None
+    seconds = time.perf_counter() - started
+    log(f"compiled {what} in {seconds:.1f} s{detail}")
+    return out, seconds
 
 
 def cpu_count() -> int:

@@ -16,12 +16,11 @@ the same cache.
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 from torch import nn
 
-from pipeline.core.runtime import compile_failed, decide_compile
+from pipeline.core.runtime import decide_compile, first_compiled_call
 
 # Images to do from which `auto` compiles (None: never), per device type, with the figures that set them
 # (`pipeline bench extract`, 1,000 Flickr8k photos, batch 64, 2 threads; README's benchmark table):
@@ -65,16 +64,15 @@ class Compiled(nn.Module):
         return self._first(images)[:n]
 
     def _first(self, images: torch.Tensor) -> torch.Tensor:
-        started = time.perf_counter()
-        try:
+        def call():
             with torch._inductor.config.patch(freezing=True):
-                out = self.compiled(images)
-        except Exception as e:  # noqa: BLE001 - inductor raises many kinds; all mean "cannot compile here"
-            compile_failed(e, self.fallback, "the encoder", self.log)
+                return self.compiled(images)
+
+        out, self.compile_seconds = first_compiled_call(call, self.fallback, "the encoder", self.log,
+                                                        f" (batch {self.batch_size})")
+        if self.compile_seconds is None:
             self.eager = True
             return self.encoder(images)
-        self.compile_seconds = time.perf_counter() - started
-        self.log(f"compiled the encoder in {self.compile_seconds:.1f} s (batch {self.batch_size})")
         return out
 
 

@@ -18,14 +18,13 @@ needs.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from pipeline.core.runtime import compile_failed, decide_compile
+from pipeline.core.runtime import decide_compile, first_compiled_call
 from pipeline.decoder.decode import StepModel, greedy_decode
 
 # Sampled captions to do from which `scst.compile: auto` compiles the decoder's step (None: never), per decoder
@@ -67,15 +66,11 @@ class CompiledStep:
             return self.model.step(tokens, state)
         if self.compile_seconds is not None:
             return self.compiled(tokens, state)
-        started = time.perf_counter()
-        try:
-            out = self.compiled(tokens, state)
-        except Exception as e:  # noqa: BLE001 - inductor raises many kinds; all mean "cannot compile here"
-            compile_failed(e, self.fallback, "the decoder's step", self.log)
+        out, self.compile_seconds = first_compiled_call(lambda: self.compiled(tokens, state), self.fallback,
+                                                        "the decoder's step", self.log)
+        if self.compile_seconds is None:
             self.compiled = None
             return self.model.step(tokens, state)
-        self.compile_seconds = time.perf_counter() - started
-        self.log(f"compiled the decoder's step in {self.compile_seconds:.1f} s")
         return out
 
 

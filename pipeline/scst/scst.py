@@ -128,6 +128,17 @@ class ScstRun(Run):
             row["all_right"] = attribute_accuracy(captions, self.val_truths)["all_right"]
         return row
 
+    def captions_to_sample(self, from_epoch: int) -> int:
+        """Sampled captions of the epochs from `from_epoch` on, all ranks' (so every rank decides the same)."""
+        return (self.cfg.epochs - from_epoch) * len(self.train_images) * self.cfg.samples
+
+    def choose_policy(self, from_epoch: int) -> str:
+        """Set `policy` as scst.compile decides for the captions still to sample from `from_epoch` on; returns
+        the decision in a few words."""
+        self.policy, why = sampling_policy(self.model, self.model_cfg.decoder, self.cfg.compile, self.device,
+                                           self.captions_to_sample(from_epoch), self.log)
+        return why
+
     def checkpoint_entry(self) -> dict:
         return {"scst": {"init": self.init, **asdict(self.cfg)}}
 
@@ -169,9 +180,7 @@ def scst(cache_dir: str | os.PathLike = paths.CACHE_DIR, init: str | os.PathLike
         run = setup(Path(cache_dir), Path(init), Path(out), Path(metrics_dir), cfg, log)
         run.dist.decide(lambda: check_room(run.model, run.out))
         state = resume_or_start(run, resume)
-        todo = (cfg.epochs - state.epoch) * len(run.train_images) * cfg.samples  # captions still to sample
-        run.policy, why = sampling_policy(run.model, run.model_cfg.decoder, cfg.compile, run.device, todo, run.log)
-        run.log(why)
+        run.log(run.choose_policy(state.epoch))
         for epoch in range(state.epoch, cfg.epochs):
             train_epoch(run, state, epoch, progress)
             end_of_epoch(run, state, epoch)
