@@ -17,9 +17,11 @@ from conftest import run_extract as extract
 from pipeline.cli import main
 from pipeline.core.errors import PipelineError
 from pipeline.core.vocab import Vocabulary
+from pipeline.decoder import model as model_module
 from pipeline.decoder.checkpoint import load_checkpoint
 from pipeline.decoder.data import length_grouped_batches, load_cache
 from pipeline.decoder.decode import beam_search, greedy_decode
+from pipeline.decoder.decoders import make_decoder
 from pipeline.decoder.model import CaptionDecoder, ModelConfig, ModelSettings, packed_targets, teacher_forcing
 from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.evaluate import evaluate
@@ -54,6 +56,31 @@ def test_teacher_forcing_and_packing():
     assert targets.tolist() == [[7, 8, 9, 2], [5, 6, 2, 0]]
     packed = packed_targets(targets, lengths)
     assert sorted(packed.tolist()) == sorted([7, 8, 9, 2, 5, 6, 2])  # no padding reaches the loss
+
+
+@pytest.mark.parametrize("decoder", ["showtell", "attend"])
+def test_loss_in_blocks_equals_the_whole_logits_loss_and_gradients(decoder, monkeypatch):
+    """The loss the decoders compute a block of rows at a time (under glibc's mmap threshold) is the
+    cross-entropy of the whole (sum(lengths), V) logits, with the same gradients, also for a last, short block."""
+    torch.manual_seed(0)
+    settings = ModelSettings(embed_size=6, hidden_size=8, decoder=decoder, attention_size=5)
+    model = make_decoder(ModelConfig.of(settings, 5, 11, grid_size=2)).eval()
+    features = torch.randn(4, 5) if decoder == "showtell" else torch.randn(4, 5, 5)  # (B, D) / (B, 1 + R, D)
+    words = torch.randint(3, 11, (4, 6))
+    inputs, targets, lengths, order = teacher_forcing(words, torch.tensor([6, 4, 3, 1]), start_id=1, end_id=2)
+    targets = packed_targets(targets, lengths)  # 18 tokens
+    monkeypatch.setattr(model_module, "LOGIT_BLOCK_BYTES", 4 * 11 * 4)  # blocks of 4 rows: 4 + 4 + 4 + 4 + 2
+    results = []
+    for loss_of in (lambda: torch.nn.functional.cross_entropy(model(features[order], inputs, lengths), targets),
+                    lambda: model(features[order], inputs, lengths, targets)):
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert len(results[1][1]) == len(results[0][1])
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want)
 
 
 def test_length_grouped_batches_cover_every_caption_once():

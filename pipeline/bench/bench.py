@@ -326,7 +326,8 @@ def _bare_train_variants(data, batches: list[torch.Tensor], cfg: TrainConfig, de
     """Captions/s of the bare step (forward, loss, backward, clip, Adam: none of train's bookkeeping) on the
     epoch's batches built in advance as device tensors, in every CPU thread count (1, the default, all
     cores) and allocator that could be the fastest, then at the default threads and allocator with oneDNN
-    (CPU) or cuDNN (CUDA) turned off, and compiled: the best is the limit."""
+    (CPU) or cuDNN (CUDA) turned off, compiled, and with the loss of one whole logits block instead of
+    train's blocks of rows (model.readout), at each allocator: the best is the limit."""
     from pipeline.trainer.batch import Batch, caption_loss
 
     trainer = _fresh_trainer(data, cfg, dev)
@@ -358,8 +359,19 @@ def _bare_train_variants(data, batches: list[torch.Tensor], cfg: TrainConfig, de
     def timed_compiled(default: str) -> None:  # inductor; caption lengths vary, so with dynamic shapes
         timed(f"compiled, {default}", torch.compile(caption_loss, dynamic=True), "compiling and 3 warm-up steps")
 
+    def whole_logits_loss(net, batch, amp_dtype=None):  # the textbook loss, one (sum(lengths), V) logits block
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = net(batch.features, batch.inputs, batch.lengths)
+        return torch.nn.functional.cross_entropy(logits.float(), batch.targets)
+
     n_caps, variants = sum(len(b) for b in batches), {}
     _time_each_way(dev, timed, timed_compiled, "bare decoder step", log)
+    for allocator in ALLOCATORS if dev.type == "cpu" else ["malloc default"]:  # train's loss is in blocks
+        try:
+            heap_allocations(ALLOCATORS[allocator])
+            timed(f"whole logits, {_way_name(dev, torch.get_num_threads(), allocator)}", whole_logits_loss)
+        finally:
+            tune(dev, fixed_shapes=False)
     return variants
 
 

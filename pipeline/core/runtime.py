@@ -47,27 +47,28 @@ def choose_device(device: str | None = "auto", local_rank: int | None = None) ->
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
-_heap = False  # whether heap_allocations(True) is in force in this process
 
 
 def heap_allocations(on: bool = True) -> bool:
     """Serve large allocations from the heap and keep freed memory for reuse (glibc's mallopt); with
-    `on=False`, undo that (a process that never turned it on is left untouched).
+    `on=False`, the decoder's setting: blocks from 32 MB up mapped afresh, everything smaller kept on the heap.
 
     Why: a forward on the CPU allocates and frees activations of up to hundreds of MB per batch; glibc maps
     every block above 32 MB afresh and the kernel page-faults it in again, page by page, at every batch.
     Measured on this project's 2-core CPU (`pipeline bench extract` / `bench train` time both ways):
-    resnet18, batch 64, 36.8 -> 52.8 images/s (system time 7.7 s -> 0.06 s); resnet50 12.6 -> 22.0; a
-    decoder step (hidden 512, vocabulary 10k) 245 -> 275 captions/s in one run, 284 -> 269 in another.
+    resnet18, batch 64, 36.8 -> 52.8 images/s (system time 7.7 s -> 0.06 s); resnet50 12.6 -> 22.0.
     The cost: the process keeps its peak memory until it exits, and where block sizes vary from batch to
-    batch the heap fragments and grows (see `tune`). Undone, glibc is set to where its own adaptive thresholds settle in a long run (blocks
-    from 32 MB up mapped afresh, the heap trimmed above 64 MB free): mallopt cannot restore the adaptive
-    mode itself. Returns whether the setting took (False where the C library has no mallopt: macOS, musl)."""
-    global _heap
+    batch the heap fragments and grows (see `tune`).
+
+    Off, blocks from 32 MB up are mapped afresh (where glibc's adaptive threshold settles; mallopt cannot
+    restore the adaptive mode itself) and the top of the heap goes back to the system only above 512 MB
+    free, not glibc's 64 MB: a training step frees and takes back ~100 MB of blocks under 32 MB (the loss's
+    logits come in blocks, model.readout), which glibc would otherwise return and the kernel fault in again
+    at every step (bench train's step, 2026-12-03: 15x fewer page faults, 1.03-1.06x). This keeps no more
+    than the step's own peak. Returns whether the setting took (False where the C library has no mallopt:
+    macOS, musl)."""
     if not sys.platform.startswith("linux"):
         return False
-    if not on and not _heap:
-        return True  # glibc's own default, untouched
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     except (OSError, AttributeError):
@@ -75,10 +76,8 @@ def heap_allocations(on: bool = True) -> bool:
     if on:
         settings = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}
     else:
-        settings = {_M_MMAP_MAX: 65536, _M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 64 << 20}
-    ok = all([bool(mallopt(key, value)) for key, value in settings.items()])
-    _heap = on and ok
-    return ok
+        settings = {_M_MMAP_MAX: 65536, _M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 512 << 20}
+    return all([bool(mallopt(key, value)) for key, value in settings.items()])
 
 
 def tune(device: torch.device, fixed_shapes: bool) -> None:
@@ -86,9 +85,8 @@ def tune(device: torch.device, fixed_shapes: bool) -> None:
     allocations (see heap_allocations) where every batch allocates blocks of the same sizes (`fixed_shapes`:
     the encoder's fixed crops), so that freed blocks are reused exactly. Not for the decoder, whose batches
     vary in caption length: there the heap fragments and grows (one rank on a COCO-sized cache, 40 steps:
-    peak 2.9 GB with heap allocations, 1.7 GB without), for no steady gain in captions/s (+12% in one
-    run, -5% in another): there glibc's default is set back, so a process that ran the encoder first
-    trains as `pipeline train` does."""
+    peak 2.9 GB with heap allocations, 1.7 GB without, before the loss came in blocks), so the decoder gets
+    heap_allocations(False), also in a process that ran the encoder first."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     else:

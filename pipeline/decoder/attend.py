@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import PipelineError
-from pipeline.decoder.model import ModelConfig, set_stats
+from pipeline.decoder.model import ModelConfig, readout, set_stats
 
 GRID_STATS_IMAGES = 2048  # images whose regions fit the grid's standardization: enough for 2048 * R vectors
 
@@ -92,9 +92,11 @@ class AttendDecoder(nn.Module):
         h, c, _ = self._advance(self.embed(tokens), h[0], c[0], values, keys)
         return self.out(self.drop(h)), (h.unsqueeze(0), c.unsqueeze(0), values, keys)
 
-    def forward(self, features: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits of the real positions, as CaptionDecoder.forward: features (B, 1 + R, D); inputs
-        (B, T); lengths (B,) sorted descending -> (sum(lengths), V) in pack_padded_sequence order.
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits of the real positions (or with `targets` their loss), as CaptionDecoder.forward:
+        features (B, 1 + R, D); inputs (B, T); lengths (B,) sorted descending -> (sum(lengths), V) in
+        pack_padded_sequence order.
 
         Step t runs only the captions still going (a prefix, lengths being sorted), so padding is never
         computed and carries no gradient."""
@@ -106,7 +108,7 @@ class AttendDecoder(nn.Module):
             b = int((lengths > t).sum())  # captions with a word to predict at t
             h, c, _ = self._advance(words[:b, t], h[:b], c[:b], values[:, :b], keys[:, :b])
             outputs.append(h)
-        return self.out(self.drop(torch.cat(outputs)))  # (sum(lengths), V)
+        return readout(self.out, self.drop(torch.cat(outputs)), targets)  # from (sum(lengths), H)
 
     @torch.no_grad()
     def attention(self, features: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:

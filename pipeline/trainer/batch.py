@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.decoder.data import CaptionData
 from pipeline.decoder.model import packed_targets, teacher_forcing
@@ -44,5 +43,4 @@ def caption_loss(net, batch: Batch, amp_dtype: torch.dtype | None = None) -> tor
     """Mean token cross-entropy of `batch` under `net` (a decoder of make_decoder, or DDP around one)."""
     device = batch.features.device
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = net(batch.features, batch.inputs, batch.lengths)  # (sum(lengths), V)
-    return F.cross_entropy(logits.float(), batch.targets)
+        return net(batch.features, batch.inputs, batch.lengths, batch.targets)  # through forward, for DDP
