@@ -170,6 +170,33 @@ def test_attention_weights_sum_to_one_and_padding_carries_no_gradient():
     assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
 
 
+def test_training_forward_recomputes_attention_scores_with_the_same_gradients():
+    """The teacher-forced forward recomputes each word's tanh scores in the backward pass (to keep an
+    attention step's memory near Show-and-Tell's): its loss and every gradient equal those of the same
+    captions stepped word by word, where nothing is recomputed."""
+    model = tiny_attend().eval()  # no dropout: both ways see the same network
+    f = image_inputs(3)
+    words = torch.tensor([[3, 4, 5, 3], [4, 5, 0, 0], [5, 0, 0, 0]])
+    inputs, targets, lengths, _ = teacher_forcing(words, torch.tensor([4, 2, 1]), START, END)
+    packed = packed_targets(targets, lengths)
+    results = []
+    for stepped in (False, True):
+        model.zero_grad()
+        if stepped:
+            st, per_step = model.init_state(f), []
+            for t in range(inputs.shape[1]):
+                out, st = model.step(inputs[:, t], st)
+                per_step.append(out)
+            logits = torch.nn.utils.rnn.pack_padded_sequence(torch.stack(per_step, 1), lengths, batch_first=True).data
+            loss = torch.nn.functional.cross_entropy(logits, packed)
+        else:
+            loss = model(f, inputs, lengths, packed)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
 @pytest.mark.parametrize("alpha", [0.0, 0.7])
 def test_attend_beam_search_equals_exhaustive_search(alpha):
     V, L = 6, 3
