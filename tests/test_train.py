@@ -549,16 +549,21 @@ def test_feature_stats_read_each_row_once_and_match_torch():
         def __len__(self):
             return len(self.x)
 
+        @property
+        def shape(self):
+            return self.x.shape
+
         def __getitem__(self, rows):
             self.reads += len(rows)
+            self.largest = max(getattr(self, "largest", 0), len(rows))
             return self.x[rows]
 
     g = torch.Generator().manual_seed(0)
     grid = Counting(torch.randn(50, 3, 4, generator=g, dtype=torch.float64).float() * 5 + 100)
     rows = torch.arange(1, 50, 2)  # 25 of the 50 images
     mean, std = torch.empty(4), torch.empty(4)
-    set_stats(mean, std, grid, rows, block=7)  # blocks of 7, 7, 7, 4 images
-    assert grid.reads == len(rows)
+    set_stats(mean, std, grid, rows, vectors=21)  # 21 vectors of 3 regions: blocks of 7, 7, 7, 4 images
+    assert grid.reads == len(rows) and grid.largest == 7
     want = grid.x[rows].reshape(-1, 4).double()
     torch.testing.assert_close(mean, want.mean(0).float(), rtol=1e-6, atol=0)
     torch.testing.assert_close(std, want.std(0).float(), rtol=1e-5, atol=0)

@@ -62,7 +62,7 @@ class AttendDecoder(nn.Module):
         set_stats(self.feature_mean, self.feature_std, features, rows)
         if grid is not None and len(rows):
             step = max(1, len(rows) // GRID_STATS_IMAGES)
-            set_stats(self.grid_mean, self.grid_std, grid, rows[::step][:GRID_STATS_IMAGES], block=256)
+            set_stats(self.grid_mean, self.grid_std, grid, rows[::step][:GRID_STATS_IMAGES])
 
     def init_state(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """features (B, 1 + R, D) -> (h (1, B, H), c (1, B, H), V (R, B, E), K (R, B, A))."""
