@@ -78,52 +78,10 @@ def test_raw_captions_only_where_used(cache):
     assert some.fingerprint == full.manifest.fingerprint
 
 
-def _faults_of_a_second_block(nbytes: int = 64 << 20) -> int:
-    """Page faults taken by filling a block of `nbytes` just after a block of the same size was freed."""
-    first = torch.ones(nbytes, dtype=torch.uint8)
-    del first
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    second = torch.ones(nbytes, dtype=torch.uint8)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    del second
-    return faults
-
-
-HEAP_TRIAL = """
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-from pipeline.core.runtime import heap_allocations, tune
-from test_memory import _faults_of_a_second_block
-assert heap_allocations(False)
-default = _faults_of_a_second_block()
-tune(torch.device("cpu"), fixed_shapes=True)
-_faults_of_a_second_block()  # the heap grows to hold the block once
-print(default, _faults_of_a_second_block())
-"""
-
-
-@pytest.mark.skipif(not heap_allocations(True), reason="the C library has no mallopt (not glibc)")
-def test_heap_allocations_reuse_freed_blocks_instead_of_faulting_them_in_again():
-    """What makes CPU extraction and training up to 1.7x faster (runtime.heap_allocations): under glibc's
-    default a freed 64 MB block (above its largest mmap threshold, 32 MB: like a CPU forward's activations)
-    is unmapped and its successor page-faulted in again, page by page; with heap allocations it is reused
-    as it is. `tune` switches it on for the encoder on the CPU. Measured in a fresh process: an earlier test
-    that grew this process's heap (any encoder run) lets the default reuse the block too."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    out = subprocess.run([sys.executable, "-c", HEAP_TRIAL, str(Path(__file__).parent)], capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    default, heap = map(int, out.stdout.split())
-    assert heap <= 16 < default, (heap, default)
-
-
-def _faults_of_a_step(blocks: int = 12, nbytes: int = 16 << 20) -> int:
-    """Page faults taken by filling `blocks` blocks of `nbytes` (under glibc's 32 MB mmap threshold: like a
-    training step's logits in blocks and their gradients) after the same blocks were taken and freed."""
-    for _ in range(4):  # glibc's thresholds adapt to the first rounds
+def _faults_of_refilling(nbytes: int, blocks: int = 1, rounds: int = 1) -> int:
+    """Page faults taken by filling `blocks` blocks of `nbytes` after the same blocks were taken and freed
+    `rounds` times (glibc's adaptive thresholds settle over the first rounds)."""
+    for _ in range(rounds):
         held = [torch.ones(nbytes, dtype=torch.uint8) for _ in range(blocks)]
         del held
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -133,13 +91,49 @@ def _faults_of_a_step(blocks: int = 12, nbytes: int = 16 << 20) -> int:
     return faults
 
 
+def _in_a_fresh_process(code: str) -> list[int]:
+    """The integers `code` prints, run in a new interpreter that imports from this folder: an earlier test that
+    grew this process's heap (any encoder run) changes what glibc does with a freed block."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [int(x) for x in out.stdout.split()]
+
+
+HEAP_TRIAL = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from pipeline.core.runtime import heap_allocations, tune
+from test_memory import _faults_of_refilling
+assert heap_allocations(False)
+default = _faults_of_refilling(64 << 20)
+tune(torch.device("cpu"), fixed_shapes=True)
+_faults_of_refilling(64 << 20)  # the heap grows to hold the block once
+print(default, _faults_of_refilling(64 << 20))
+"""
+
+
+@pytest.mark.skipif(not heap_allocations(True), reason="the C library has no mallopt (not glibc)")
+def test_heap_allocations_reuse_freed_blocks_instead_of_faulting_them_in_again():
+    """What makes CPU extraction and training up to 1.7x faster (runtime.heap_allocations): under glibc's
+    default a freed 64 MB block (above its largest mmap threshold, 32 MB: like a CPU forward's activations)
+    is unmapped and its successor page-faulted in again, page by page; with heap allocations it is reused
+    as it is. `tune` switches it on for the encoder on the CPU. Measured in a fresh process."""
+    default, heap = _in_a_fresh_process(HEAP_TRIAL)
+    assert heap <= 16 < default, (heap, default)
+
+
 STEP_TRIAL = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 from pipeline.core.runtime import heap_allocations
-from test_memory import _faults_of_a_step
+from test_memory import _faults_of_refilling
 assert heap_allocations(False)
-print(_faults_of_a_step())
+print(_faults_of_refilling(16 << 20, blocks=12, rounds=4))  # a step's blocks under the 32 MB mmap threshold
 """
 
 
@@ -149,11 +143,5 @@ def test_decoder_allocations_keep_a_steps_freed_blocks_for_the_next_step():
     192 MB of blocks a step freed for the next one. Where glibc's own thresholds settle (the heap trimmed
     above 64 MB free) the kernel faulted 49k pages in again at every step in 3 of 5 fresh processes (and
     none in the other 2: it depends on where the heap lies). In a fresh process."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    out = subprocess.run([sys.executable, "-c", STEP_TRIAL, str(Path(__file__).parent)], capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert int(out.stdout) <= 256, out.stdout
+    faults, = _in_a_fresh_process(STEP_TRIAL)
+    assert faults <= 256, faults
