@@ -366,12 +366,12 @@ def _bare_train_variants(data, batches: list[torch.Tensor], cfg: TrainConfig, de
 
     n_caps, variants = sum(len(b) for b in batches), {}
     _time_each_way(dev, timed, timed_compiled, "bare decoder step", log)
-    for allocator in ALLOCATORS if dev.type == "cpu" else ["malloc default"]:  # train's loss is in blocks
-        try:
+    try:  # train's loss is in blocks: the whole block at the default threads, in each allocator worth timing
+        for allocator in dict.fromkeys(a for _, a in _cpu_ways(dev)):
             heap_allocations(ALLOCATORS[allocator])
             timed(f"whole logits, {_way_name(dev, torch.get_num_threads(), allocator)}", whole_logits_loss)
-        finally:
-            tune(dev, fixed_shapes=False)
+    finally:
+        tune(dev, fixed_shapes=False)
     return variants
 
 
