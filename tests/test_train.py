@@ -59,9 +59,11 @@ def test_teacher_forcing_and_packing():
 
 
 @pytest.mark.parametrize("decoder", ["showtell", "attend"])
-def test_loss_in_blocks_equals_the_whole_logits_loss_and_gradients(decoder, monkeypatch):
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_loss_in_blocks_equals_the_whole_logits_loss_and_gradients(decoder, smoothing, monkeypatch):
     """The loss the decoders compute a block of rows at a time (under glibc's mmap threshold) is the
-    cross-entropy of the whole (sum(lengths), V) logits, with the same gradients, also for a last, short block."""
+    cross-entropy of the whole (sum(lengths), V) logits, with the same gradients, also for a last, short block,
+    and label-smoothed as torch's cross_entropy smooths."""
     torch.manual_seed(0)
     settings = ModelSettings(embed_size=6, hidden_size=8, decoder=decoder, attention_size=5)
     model = make_decoder(ModelConfig.of(settings, 5, 11, grid_size=2)).eval()
@@ -71,8 +73,9 @@ def test_loss_in_blocks_equals_the_whole_logits_loss_and_gradients(decoder, monk
     targets = packed_targets(targets, lengths)  # 18 tokens
     monkeypatch.setattr(model_module, "LOGIT_BLOCK_BYTES", 4 * 11 * 4)  # blocks of 4 rows: 4 + 4 + 4 + 4 + 2
     results = []
-    for loss_of in (lambda: torch.nn.functional.cross_entropy(model(features[order], inputs, lengths), targets),
-                    lambda: model(features[order], inputs, lengths, targets)):
+    whole = torch.nn.functional.cross_entropy
+    for loss_of in (lambda: whole(model(features[order], inputs, lengths), targets, label_smoothing=smoothing),
+                    lambda: model(features[order], inputs, lengths, targets, smoothing)):
         model.zero_grad()
         loss = loss_of()
         loss.backward()

@@ -103,7 +103,7 @@ class AttendDecoder(nn.Module):
         return self.out(self.drop(h)), (h.unsqueeze(0), c.unsqueeze(0), values, keys)
 
     def forward(self, features: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
         """Teacher-forced logits of the real positions (or with `targets` their loss), as CaptionDecoder.forward:
         features (B, 1 + R, D); inputs (B, T); lengths (B,) sorted descending -> (sum(lengths), V) in
         pack_padded_sequence order.
@@ -119,7 +119,7 @@ class AttendDecoder(nn.Module):
             b = int((lengths > t).sum())  # captions with a word to predict at t
             h, c, _ = self._advance(words[:b, t], h[:b], c[:b], values[:, :b], keys[:, :b], recompute)
             outputs.append(h)
-        return readout(self.out, self.drop(torch.cat(outputs)), targets)  # from (sum(lengths), H)
+        return readout(self.out, self.drop(torch.cat(outputs)), targets, smoothing)  # from (sum(lengths), H)
 
     @torch.no_grad()
     def attention(self, features: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:

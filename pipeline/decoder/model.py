@@ -122,7 +122,7 @@ class CaptionDecoder(nn.Module):
         return self.out(self.drop(y[:, 0])), state
 
     def forward(self, features: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
         """Teacher-forced logits for the real (unpadded) positions only, or with `targets` their loss.
 
         features (B, D); inputs (B, T) = <start> w1..wn padded; lengths (B,) = n+1, sorted descending.
@@ -133,15 +133,16 @@ class CaptionDecoder(nn.Module):
         x = self.embed(inputs)  # (B, T, E)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=True)
         y, _ = self.lstm(packed, state)  # y.data (sum(lengths), H)
-        return readout(self.out, self.drop(y.data), targets)
+        return readout(self.out, self.drop(y.data), targets, smoothing)
 
 
 LOGIT_BLOCK_BYTES = 16 << 20  # under glibc's 32 MB mmap threshold (pipeline.core.runtime.heap_allocations)
 
 
-def readout(out: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-    """hidden (N, H) -> logits out(hidden) (N, V); with targets (N,), their mean cross-entropy instead,
-    computed a block of rows at a time.
+def readout(out: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor | None = None,
+            smoothing: float = 0.0) -> torch.Tensor:
+    """hidden (N, H) -> logits out(hidden) (N, V); with targets (N,), their mean cross-entropy instead
+    (label-smoothed by `smoothing`), computed a block of rows at a time.
 
     Why blocks: a COCO batch's logits (~1,700 tokens x 10k words, float32: ~70 MB) and their log-softmax and
     gradients are each one block above glibc's mmap threshold, which the C library maps afresh and the kernel
@@ -154,7 +155,7 @@ def readout(out: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor | None =
     for h, t in zip(hidden.split(rows), targets.split(rows)):
         logits = out(h).float()  # (rows, V), in float32 also under autocast
         with torch.autocast(hidden.device.type, enabled=False):
-            total = total + F.cross_entropy(logits, t, reduction="sum")
+            total = total + F.cross_entropy(logits, t, reduction="sum", label_smoothing=smoothing)
     return total / len(targets)
 
 

@@ -20,6 +20,8 @@ class TrainConfig(ModelSettings):
     lr: float = setting(1e-3, "Adam's learning rate.", min=0, min_open=True)
     amsgrad: bool = setting(False, "Use Adam's AMSGrad variant.", flag="--amsgrad")
     weight_decay: float = setting(0.0, "Adam's L2 weight decay.", min=0)
+    label_smoothing: float = setting(0.0, "Label smoothing of the training loss (validation's stays plain).",
+                                     min=0, max=1, max_open=True)
     clip: float = setting(5.0, "Max gradient norm (0: off).", min=0)
     lr_decay: float = setting(1.0, "Multiply the learning rate by this every lr_decay_every epochs.",
                               min=0, max=1, min_open=True)

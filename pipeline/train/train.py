@@ -124,7 +124,7 @@ class Trainer:
         """
         local = not update and isinstance(self.net, torch.nn.parallel.DistributedDataParallel)
         with self.net.no_sync() if local else contextlib.nullcontext():
-            loss = caption_loss(self.net, batch, self.amp_dtype)
+            loss = caption_loss(self.net, batch, self.amp_dtype, self.cfg.label_smoothing)
             scaled = loss if weight is None else loss * weight
             self.scaler.scale(scaled / (group or self.cfg.accumulate)).backward()
         if update:

@@ -39,8 +39,9 @@ class Batch:
         return len(self.targets)
 
 
-def caption_loss(net, batch: Batch, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Mean token cross-entropy of `batch` under `net` (a decoder of make_decoder, or DDP around one)."""
+def caption_loss(net, batch: Batch, amp_dtype: torch.dtype | None = None, smoothing: float = 0.0) -> torch.Tensor:
+    """Mean token cross-entropy of `batch` under `net` (a decoder of make_decoder, or DDP around one), against
+    targets label-smoothed by `smoothing` (0: the plain cross-entropy validation reports)."""
     device = batch.features.device
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        return net(batch.features, batch.inputs, batch.lengths, batch.targets)  # through forward, for DDP
+        return net(batch.features, batch.inputs, batch.lengths, batch.targets, smoothing)  # through forward, for DDP
