@@ -70,9 +70,12 @@ bench: venv
 
 # Real photos through a pretrained EfficientNet-Lite0: the whole pipeline on a Flickr8k folder, beside an
 # image-blind decoder and the published figures (FLICKR8K=data/flickr8k after `pipeline download flickr8k`).
+# COMPARE=showtell also trains Show-and-Tell from the same cache (timed apart from the 30-minute budget).
 FLICKR8K ?= ../shared/data/flickr8k
+COMPARE ?=
 flickr8k: venv
-	$(BIN)/pipeline bench quality $(FLICKR8K) --recipe configs/flickr8k.yaml --work runs/flickr8k
+	$(BIN)/pipeline bench quality $(FLICKR8K) --recipe configs/flickr8k.yaml --work runs/flickr8k \
+		$(if $(COMPARE),--compare $(COMPARE))
 
 clean:
 	rm -rf cache checkpoints metrics results data/demo dvc_plots

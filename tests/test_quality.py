@@ -34,12 +34,16 @@ def test_the_whole_run_writes_scores_anchors_and_a_gallery(flickr8k_dataset, tmp
     work = tmp_path / "work"
     result = CliRunner().invoke(main, ["bench", "quality", str(data), "--recipe", str(tiny_recipe(tmp_path)),
                                        "--work", str(work), "--holdout", "2", "--min-cider", "0", "0",
-                                       "--min-blind-ratio", "0"], catch_exceptions=False)
+                                       "--min-bleu4", "0", "0", "--min-blind-ratio", "0", "--max-minutes", "60",
+                                       "--compare", "showtell"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads((work / "quality.json").read_text())
     assert report["splits"] == {"train": 4, "val": 2, "test": 3}  # 6 listed train (1 missing on disk), dev -> test
-    # the recipe's attention decoder, and Show-and-Tell trained beside it on the same cache
+    # the recipe's attention decoder, and (--compare) Show-and-Tell trained beside it on the same cache, timed apart
     assert set(report["scores"]) == {"cross-entropy", "SCST", "image-blind", "showtell cross-entropy", "showtell SCST"}
+    seconds = report["seconds"]
+    compared = sum(t for name, t in seconds.items() if "showtell" in name)
+    assert compared > 0 and seconds["benchmark"] == pytest.approx(seconds["total"] - compared, abs=0.2)
     assert all(set(s) >= {"BLEU-4", "CIDEr", "ROUGE-L"} for s in report["scores"].values())
     for name in ANCHORS:
         assert name in result.output
@@ -47,6 +51,14 @@ def test_the_whole_run_writes_scores_anchors_and_a_gallery(flickr8k_dataset, tmp
     gallery = json.loads((work / "gallery.json").read_text())
     assert len(gallery) == 3 and all(len(g["references"]) == 5 for g in gallery)
     assert gallery[0]["references"][0].split()[0] in page  # the human captions are on the page
+
+
+def test_compare_with_the_recipes_own_decoder_is_one_line(flickr8k_dataset, tmp_path):
+    result = CliRunner().invoke(main, ["bench", "quality", str(flickr8k_dataset["annotations"][0]), "--recipe",
+                                       str(tiny_recipe(tmp_path)), "--work", str(tmp_path / "w"),
+                                       "--compare", "attend"])
+    assert result.exit_code != 0 and "already" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "w" / "cache").exists()  # refused before any work
 
 
 def test_split_lists_use_the_test_list_when_there_is_one(flickr8k_dataset, tmp_path):

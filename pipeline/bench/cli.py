@@ -159,17 +159,26 @@ bench_blind_cmd.params_sections = {TrainConfig: "", EvaluateConfig: "eval_"}
               help="Training photos held out as the validation split when DIR withholds the test list.")
 @click.option("--min-cider", "min_cider", default=(0.50, 0.58), show_default=True, type=(float, float),
               help="Least test CIDEr of the cross-entropy and of the SCST decoder.")
+@click.option("--min-bleu4", "min_bleu4", default=(0.20, 0.22), show_default=True, type=(float, float),
+              help="Least test BLEU-4 of the cross-entropy and of the SCST decoder.")
 @click.option("--min-blind-ratio", default=3.0, show_default=True, type=click.FloatRange(0),
               help="Least CIDEr ratio of the seeing decoder to the image-blind one.")
-def bench_quality_cmd(data_dir, recipe, work, holdout, min_cider, min_blind_ratio):
+@click.option("--max-minutes", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Most wall-clock minutes of the benchmark (without --compare's stages).")
+@click.option("--compare", default="", type=click.Choice(["", "showtell", "attend"]),
+              help="Also train and score this decoder the same way, from the same cache.")
+def bench_quality_cmd(data_dir, recipe, work, holdout, min_cider, min_bleu4, min_blind_ratio, max_minutes, compare):
     """Caption quality on real photos (Flickr8k's layout): prepare, extract, train, scst, evaluate, a blind baseline."""
     from pipeline.bench.quality import bench_quality
 
-    res = bench_quality(data_dir, recipe, work, holdout, log=click.echo)
+    res = bench_quality(data_dir, recipe, work, holdout, compare, log=click.echo)
     s = res["scores"]
     check_targets([("cross-entropy CIDEr", s["cross-entropy"]["CIDEr"], min_cider[0], ">="),
+                   ("cross-entropy BLEU-4", s["cross-entropy"]["BLEU-4"], min_bleu4[0], ">="),
                    ("SCST CIDEr", s["SCST"]["CIDEr"], min_cider[1], ">="),
-                   ("CIDEr seeing / blind", res["cider_seeing_over_blind"], min_blind_ratio, ">=")])
+                   ("SCST BLEU-4", s["SCST"]["BLEU-4"], min_bleu4[1], ">="),
+                   ("CIDEr seeing / blind", res["cider_seeing_over_blind"], min_blind_ratio, ">="),
+                   ("minutes", res["seconds"]["benchmark"] / 60, max_minutes, "<=")])
 
 
 @bench.command("demo")

@@ -93,10 +93,17 @@ def load_recipe(path: str) -> dict:
 
 
 def bench_quality(data_dir: str, recipe: str = "configs/flickr8k.yaml", work: str = "runs/flickr8k",
-                  holdout: int = 1000, log=print) -> dict:
-    """The whole run (see the module docstring); writes WORK/quality.json and WORK/gallery.html."""
+                  holdout: int = 1000, compare: str = "", log=print) -> dict:
+    """The whole run (see the module docstring); writes WORK/quality.json and WORK/gallery.html.
+
+    `compare` (showtell | attend): also train and score that decoder from the same cache, the same way, as
+    "<compare> cross-entropy" and "<compare> SCST"; its stages are timed apart from the benchmark's own."""
     data, work_dir = Path(data_dir), Path(work)
     cfg = load_recipe(recipe)
+    if compare and compare == cfg["train"].decoder:
+        raise PipelineError(f"--compare {compare}: the recipe's decoder is {compare} already; compare the other one")
+    if compare == "attend" and cfg["extract"].features != "grid":
+        raise PipelineError("--compare attend needs the grid: set extract.features: grid in the recipe")
     t0, seconds = time.perf_counter(), {}
     counts = split_lists(data, work_dir / "lists", holdout)
     log(f"splits: train {counts['train']}, val {counts['val']}, test {counts['test']} photos")
@@ -118,10 +125,10 @@ def bench_quality(data_dir: str, recipe: str = "configs/flickr8k.yaml", work: st
     # at several times the cost (its regions are all the mean feature)
     trains = {"cross-entropy": cfg["train"], "image-blind": replace(cfg["train"], blind=True, decoder="showtell")}
     inits = {"SCST": "cross-entropy"}
-    if cfg["train"].decoder == "attend":  # the attention decoder beside Show-and-Tell, on the same cache
-        runs.update({"showtell cross-entropy": work_dir / "showtell_xe", "showtell SCST": work_dir / "showtell_scst"})
-        trains["showtell cross-entropy"] = replace(cfg["train"], decoder="showtell")
-        inits["showtell SCST"] = "showtell cross-entropy"
+    if compare:  # the other decoder beside the recipe's, on the same cache
+        runs.update({f"{compare} cross-entropy": work_dir / f"{compare}_xe", f"{compare} SCST": work_dir / f"{compare}_scst"})
+        trains[f"{compare} cross-entropy"] = replace(cfg["train"], decoder=compare)
+        inits[f"{compare} SCST"] = f"{compare} cross-entropy"
     for folder in runs.values():  # every decoder is trained afresh (a killed earlier run's last.pt included)
         shutil.rmtree(folder, ignore_errors=True)
     for name, tcfg in trains.items():
@@ -138,14 +145,18 @@ def bench_quality(data_dir: str, recipe: str = "configs/flickr8k.yaml", work: st
             runs[n] / "best.pt", cache, ecfg, out=runs[n] / "eval.json", results=runs[n] / "captions.json"))
         scores[name] = {k: round(ev.scores[k], 4) for k in KEYS if k in ev.scores}
     gallery = stage("gallery", lambda: write_gallery(work_dir, runs["SCST"] / "best.pt", ecfg, table(scores)))
+    total = time.perf_counter() - t0
+    compared = sum(t for name, t in seconds.items() if compare and f"{compare} " in name)
     report = {"data": str(data), "recipe": recipe, "splits": counts, "encoder": cfg["extract"].arch,
-              "scores": scores, "anchors": ANCHORS, "seconds": {**seconds, "total": round(time.perf_counter() - t0, 1)},
+              "scores": scores, "anchors": ANCHORS,
+              "seconds": {**seconds, "total": round(total, 1), "benchmark": round(total - compared, 1)},
               "cider_seeing_over_blind": _ratio(scores["cross-entropy"], scores["image-blind"]),
               "gallery": str(gallery)}
     write_json(work_dir / "quality.json", report)
     log(table(scores))
     log(f"CIDEr seeing / blind (cross-entropy): {report['cider_seeing_over_blind']:.2f}x;  "
-        f"{report['seconds']['total'] / 60:.1f} min in all;  gallery: {gallery}")
+        f"{report['seconds']['benchmark'] / 60:.1f} min" + (f" ({total / 60:.1f} with --compare {compare})"
+                                                           if compare else "") + f";  gallery: {gallery}")
     return report
 
 
