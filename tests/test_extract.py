@@ -250,3 +250,22 @@ def test_bench_extract_prints_figures_and_fails_below_its_targets(coco_dataset, 
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert r.output.splitlines()[-1].startswith("Error: benchmark target missed: ratio extract (steady) / bare")
     assert "peak memory MB" in r.output.splitlines()[-1]
+
+
+def test_bench_extract_times_onnxruntime_as_a_limit_candidate(tmp_path):
+    """ONNX Runtime runs the same folded encoder (normalisation and pooling included) and counts for the limit
+    only where its features match eager PyTorch's."""
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime not installed (pip install onnxruntime onnx)")
+    pytest.importorskip("onnx", reason="onnx not installed (pip install onnx)")
+    from pipeline.bench.bench import onnxruntime_forward
+    from pipeline.encoder.encoder import build_encoder, make_spec
+
+    spec = make_spec("resnet18", "none", 72, 64, None, True)  # a 2x2 map
+    encoder = build_encoder(spec, grid_size=2)
+    decoded = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8)
+    logs = []
+    found = onnxruntime_forward(encoder, decoded, [[0, 1, 2], [3, 4, 5]], torch.device("cpu"), tmp_path / "e.onnx",
+                                log=logs.append)
+    assert list(found) == [f"onnxruntime, BatchNorm folded, {torch.get_num_threads()} threads (all images)"], logs
+    assert next(iter(found.values())) > 0
+    assert encoder.channels_last  # left as extract runs it

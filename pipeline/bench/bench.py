@@ -2,7 +2,8 @@
 targets they are held to are `pipeline bench` options, never unit tests).
 
 bench extract: bare encoder forward on already-decoded tensors (the compute limit) vs the full
-               `extract` (decode, preprocess, forward, write) on the same images and settings.
+               `extract` (decode, preprocess, forward, write) on the same images and settings. The
+               limit is the fastest of eager (BatchNorm kept or folded), compiled and ONNX Runtime.
 bench train:   bare decoder forward+backward+step on in-memory tensors of the same shapes (the limit)
                vs a `train` epoch from the cache, and vs the seed notebooks' way (the frozen ResNet run
                on decoded images at every step), with the speed-up of training from the cache.
@@ -19,6 +20,7 @@ import os
 import resource
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -137,6 +139,51 @@ def compiled_forward(spec, decoded: torch.Tensor, batches: list[list[int]], dev:
     return out, encoder.compile_seconds
 
 
+def onnxruntime_forward(encoder, decoded: torch.Tensor, batches: list[list[int]], dev: torch.device,
+                        path: Path, log=print) -> dict[str, float]:
+    """The same folded encoder (normalisation and pooling included) exported to ONNX and run by ONNX Runtime's
+    CPU provider at the default thread count: another runtime's way to do the same work, so a candidate for the
+    limit. {} on CUDA, where onnxruntime or onnx is not installed (pip install onnxruntime onnx), or where the
+    export fails."""
+    if dev.type != "cpu":
+        return {}
+    try:
+        import onnx  # noqa: F401  (torch's exporter needs it)
+        import onnxruntime as ort
+    except ImportError:
+        log("  ONNX Runtime: not installed (pip install onnxruntime onnx): not timed")
+        return {}
+    set_layout(encoder, channels_last=False)  # the exported graph is NCHW; ONNX Runtime picks its own layouts
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(encoder, (decoded[: len(batches[0])],), str(path), dynamo=False, input_names=["images"],
+                              output_names=["features"], dynamic_axes={"images": {0: "batch"}}, opset_version=17)
+    except Exception as e:  # noqa: BLE001
+        log(f"  ONNX Runtime: the export failed ({type(e).__name__}): not timed")
+        return {}
+    finally:
+        set_layout(encoder, channels_last=True)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+
+    sample = decoded[: len(batches[0])]
+    with torch.inference_mode():
+        want = encoder(sample)
+        diff = (forward(sample) - want).abs().max().item() / max(want.abs().max().item(), 1e-12)
+    if diff > 1e-4:  # not the same work: float rounding differs by ~1e-6 of the largest feature
+        log(f"  ONNX Runtime: its features differ from eager by {diff:.1e} of the largest: not counted")
+        return {}
+    name = f"onnxruntime, BatchNorm folded, {torch.get_num_threads()} threads (all images)"
+    out = {name: _rate(forward, decoded, batches, dev, "none")}
+    log(f"  {name + ':':<54}{out[name]:8.1f} images/s  (differs from eager by {diff:.1e} of the largest feature)")
+    return out
+
+
 def reference_forward(arch: str, decoded: torch.Tensor, batches: list[list[int]], dev: torch.device,
                       log=print) -> float | None:
     """Images/s of an EfficientNet-Lite's pooled features through the reference package (efficientnet-lite-pytorch),
@@ -211,8 +258,10 @@ def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, repe
             variants.update({f"{name}, {k}": v for k, v in found.items()})
         fast, compile_s = compiled_forward(spec, decoded, batches, dev, amp, log=log)
         variants.update({f"compiled, BatchNorm folded, {k}": v for k, v in fast.items()})
+        variants.update(onnxruntime_forward(build_encoder(spec).to(dev), decoded, batches, dev, Path(tmp) / "encoder.onnx",
+                                            log=log))
         reference = reference_forward(arch, decoded, batches, dev, log=log)
-    eager = max(v for k, v in variants.items() if k.endswith("(all images)") and not k.startswith("compiled"))
+    eager = max(v for k, v in variants.items() if k.startswith("BatchNorm") and k.endswith("(all images)"))
     best = max((k for k in variants if k.endswith("(all images)")), key=variants.get)
     bare = variants[best]
     steady = full.steady_images_per_second
