@@ -132,15 +132,17 @@ def write_then_die(self, k, *args):
 Parts.write_part = write_then_die
 from pipeline.extract.config import ExtractConfig
 ex.extract(sys.argv[1], ExtractConfig(arch="resnet18", weights="none", resize=72, crop=64, batch_size=3,
-           chunk_size=5, workers=0, features=sys.argv[3], grid_size=3, compile=sys.argv[4]), out=sys.argv[2],
+           chunk_size=5, workers=0, features=sys.argv[3], grid_size=3, compile=sys.argv[4], runtime=sys.argv[5]),
+           out=sys.argv[2],
            progress=False)
 """
 
 
-@pytest.mark.parametrize("features, compile", [("pooled", "false"), ("grid", "false"), ("grid", "true")])
-def test_resume_after_kill_is_identical(prepared_cache, features, compile):
+@pytest.mark.parametrize("features, compile, runtime", [("pooled", "false", "torch"), ("grid", "false", "torch"),
+                                                       ("grid", "true", "torch"), ("pooled", "false", "onnxruntime")])
+def test_resume_after_kill_is_identical(prepared_cache, features, compile, runtime):
     out = prepared_cache / "resumed.h5"
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(prepared_cache), str(out), features, compile],
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(prepared_cache), str(out), features, compile, runtime],
                           capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     parts = sorted(p.name for p in (prepared_cache / "resumed.h5.parts").glob("part-*.npz"))
@@ -148,7 +150,7 @@ def test_resume_after_kill_is_identical(prepared_cache, features, compile):
     # a different chunk size must not silently mix with the unfinished run
     with pytest.raises(PipelineError, match="unfinished extraction"):
         extract(prepared_cache, out=out, chunk_size=4, **{**SMALL, "batch_size": 3})
-    same = {**SMALL, "batch_size": 3, "features": features, "grid_size": 3, "compile": compile}
+    same = {**SMALL, "batch_size": 3, "features": features, "grid_size": 3, "compile": compile, "runtime": runtime}
     resumed = extract(prepared_cache, out=out, chunk_size=5, **same)
     n = len(load_manifest(prepared_cache).images)
     assert resumed.computed == n - 10  # the two finished chunks were not redone
@@ -252,11 +254,9 @@ def test_bench_extract_prints_figures_and_fails_below_its_targets(coco_dataset, 
     assert "peak memory MB" in r.output.splitlines()[-1]
 
 
-def test_bench_extract_times_onnxruntime_as_a_limit_candidate(tmp_path):
-    """ONNX Runtime runs the same folded encoder (normalisation and pooling included) and counts for the limit
-    only where its features match eager PyTorch's."""
-    pytest.importorskip("onnxruntime", reason="ONNX Runtime not installed (pip install onnxruntime onnx)")
-    pytest.importorskip("onnx", reason="onnx not installed (pip install onnx)")
+def test_bench_extract_times_onnxruntime_as_a_limit_candidate():
+    """ONNX Runtime runs the same folded encoder (normalisation and pooling included), as extract --runtime
+    onnxruntime does, and counts for the limit only where its features match eager PyTorch's."""
     from pipeline.bench.bench import onnxruntime_forward
     from pipeline.encoder.encoder import build_encoder, make_spec
 
@@ -264,8 +264,8 @@ def test_bench_extract_times_onnxruntime_as_a_limit_candidate(tmp_path):
     encoder = build_encoder(spec, grid_size=2)
     decoded = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8)
     logs = []
-    found = onnxruntime_forward(encoder, decoded, [[0, 1, 2], [3, 4, 5]], torch.device("cpu"), tmp_path / "e.onnx",
-                                log=logs.append)
+    found, export_s = onnxruntime_forward(encoder, decoded, [[0, 1, 2], [3, 4, 5]], torch.device("cpu"),
+                                          log=logs.append)
     assert list(found) == [f"onnxruntime, BatchNorm folded, {torch.get_num_threads()} threads (all images)"], logs
-    assert next(iter(found.values())) > 0
+    assert next(iter(found.values())) > 0 and export_s > 0
     assert encoder.channels_last  # left as extract runs it

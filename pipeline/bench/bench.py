@@ -20,7 +20,6 @@ import os
 import resource
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +36,7 @@ from pipeline.decoder.model import ModelConfig
 from pipeline.encoder.compiled import Compiled
 from pipeline.encoder.encoder import build_encoder, encode_images, load_encoder, make_spec, set_layout
 from pipeline.encoder.images import Preprocess, image_batches
+from pipeline.encoder.onnx_runtime import INSTALL, OnnxEncoder, installed
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.extract import extract
 from pipeline.train.config import TrainConfig
@@ -140,48 +140,25 @@ def compiled_forward(spec, decoded: torch.Tensor, batches: list[list[int]], dev:
 
 
 def onnxruntime_forward(encoder, decoded: torch.Tensor, batches: list[list[int]], dev: torch.device,
-                        path: Path, log=print) -> dict[str, float]:
+                        log=print) -> tuple[dict[str, float], float | None]:
     """The same folded encoder (normalisation and pooling included) exported to ONNX and run by ONNX Runtime's
-    CPU provider at the default thread count: another runtime's way to do the same work, so a candidate for the
-    limit. {} on CUDA, where onnxruntime or onnx is not installed (pip install onnxruntime onnx), or where the
-    export fails."""
+    CPU provider at the default thread count, as `extract --runtime onnxruntime` runs it: another runtime's way
+    to do the same work, so a candidate for the limit. ({name: images/s}, export seconds), or ({}, None) on
+    CUDA, where onnxruntime or onnx is not installed, where the export fails or the features differ."""
     if dev.type != "cpu":
-        return {}
-    try:
-        import onnx  # noqa: F401  (torch's exporter needs it)
-        import onnxruntime as ort
-    except ImportError:
-        log("  ONNX Runtime: not installed (pip install onnxruntime onnx): not timed")
-        return {}
-    set_layout(encoder, channels_last=False)  # the exported graph is NCHW; ONNX Runtime picks its own layouts
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(encoder, (decoded[: len(batches[0])],), str(path), dynamo=False, input_names=["images"],
-                              output_names=["features"], dynamic_axes={"images": {0: "batch"}}, opset_version=17)
-    except Exception as e:  # noqa: BLE001
-        log(f"  ONNX Runtime: the export failed ({type(e).__name__}): not timed")
-        return {}
-    finally:
-        set_layout(encoder, channels_last=True)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-    def forward(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
-
-    sample = decoded[: len(batches[0])]
+        return {}, None
+    if not installed():
+        log(f"  ONNX Runtime: not installed ({INSTALL}): not timed")
+        return {}, None
+    onnx = OnnxEncoder(encoder, fallback=True, log=lambda msg: log(f"  {msg}"))
     with torch.inference_mode():
-        want = encoder(sample)
-        diff = (forward(sample) - want).abs().max().item() / max(want.abs().max().item(), 1e-12)
-    if diff > 1e-4:  # not the same work: float rounding differs by ~1e-6 of the largest feature
-        log(f"  ONNX Runtime: its features differ from eager by {diff:.1e} of the largest: not counted")
-        return {}
+        onnx(decoded[: len(batches[0])])  # exports, checks against eager
+    if onnx.eager:
+        return {}, None
     name = f"onnxruntime, BatchNorm folded, {torch.get_num_threads()} threads (all images)"
-    out = {name: _rate(forward, decoded, batches, dev, "none")}
-    log(f"  {name + ':':<54}{out[name]:8.1f} images/s  (differs from eager by {diff:.1e} of the largest feature)")
-    return out
+    out = {name: _rate(onnx, decoded, batches, dev, "none")}
+    log(f"  {name + ':':<54}{out[name]:8.1f} images/s  (differs from eager by {onnx.diff:.1e} of the largest feature)")
+    return out, onnx.export_seconds
 
 
 def reference_forward(arch: str, decoded: torch.Tensor, batches: list[list[int]], dev: torch.device,
@@ -256,10 +233,10 @@ def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, repe
             log(f"  {name}:")
             found = bare_forward_variants(build_encoder(spec, fold=fold).to(dev), decoded, batches, dev, amp, log=log)
             variants.update({f"{name}, {k}": v for k, v in found.items()})
-        fast, compile_s = compiled_forward(spec, decoded, batches, dev, amp, log=log)
-        variants.update({f"compiled, BatchNorm folded, {k}": v for k, v in fast.items()})
-        variants.update(onnxruntime_forward(build_encoder(spec).to(dev), decoded, batches, dev, Path(tmp) / "encoder.onnx",
-                                            log=log))
+        compiled, compile_s = compiled_forward(spec, decoded, batches, dev, amp, log=log)
+        variants.update({f"compiled, BatchNorm folded, {k}": v for k, v in compiled.items()})
+        fast, export_s = onnxruntime_forward(build_encoder(spec).to(dev), decoded, batches, dev, log=log)
+        variants.update(fast)
         reference = reference_forward(arch, decoded, batches, dev, log=log)
     eager = max(v for k, v in variants.items() if k.startswith("BatchNorm") and k.endswith("(all images)"))
     best = max((k for k in variants if k.endswith("(all images)")), key=variants.get)
@@ -274,7 +251,8 @@ def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, repe
            "ratio": steady / bare, "ratio_whole_run": full.images_per_second / bare, "failures": len(full.failures),
            "peak_rss_main_mb": rss_main, "peak_rss_worker_mb": rss_child, "peak_gpu_mb": gpu_mb,
            "pooled_steady_images_per_s": pooled, "compile_seconds": compile_s, "reference_images_per_s": reference,
-           "compile_break_even_images": _break_even(eager, max(fast.values(), default=0.0), compile_s)}
+           "compile_break_even_images": _break_even(eager, max(compiled.values(), default=0.0), compile_s),
+           "onnx_export_seconds": export_s, "onnx_break_even_images": _break_even(eager, max(fast.values(), default=0.0), export_s)}
     log(f"  limit = best bare forward ({best}): {bare:8.1f} images/s")
     log(f"  full extract, steady state:       {steady:8.1f} images/s  (after its first batch)")
     log(f"  full extract, whole run:          {full.images_per_second:8.1f} images/s  ({full.seconds:.1f} s, "
@@ -282,8 +260,13 @@ def bench_extract(images: list[str], cfg: ExtractConfig, limit: int = 1000, repe
     log(f"  ratio extract / bare, steady:     {res['ratio']:8.3f}  (whole run: {res['ratio_whole_run']:.3f})")
     if compile_s is not None:
         be = res["compile_break_even_images"]
-        log(f"  compiled vs best eager:           {max(fast.values()) / eager:8.3f}x; compiling ({compile_s:.1f} s) pays "
+        log(f"  compiled vs best eager:           {max(compiled.values()) / eager:8.3f}x; compiling ({compile_s:.1f} s) pays "
             + (f"after {be:,.0f} images" if be else "never (not faster)"))
+    if export_s is not None:
+        be = res["onnx_break_even_images"]
+        log(f"  ONNX Runtime vs best eager:       {max(fast.values()) / eager:8.3f}x; exporting ({export_s:.1f} s) pays "
+            + (f"after {be:,.0f} images" if be else "never (not faster)") + f"; extract --runtime {cfg.runtime} ran "
+            + ("it" if full.runtime == "onnxruntime" else "PyTorch"))
     if reference:
         log(f"  extract / reference package:      {steady / reference:8.1f}x  (steady state)")
     log(f"  peak memory: main process {rss_main:.0f} MB, largest worker {rss_child:.0f} MB"

@@ -28,6 +28,7 @@ from pipeline.decoder.decode import DecodeConfig, decode
 from pipeline.encoder.compiled import maybe_compile
 from pipeline.encoder.encoder import encode_images, load_encoder
 from pipeline.encoder.images import IMAGE_EXTENSIONS, Preprocess, image_batches
+from pipeline.encoder.onnx_runtime import maybe_onnx
 
 
 @dataclass
@@ -90,7 +91,8 @@ def caption_images(checkpoint: str | os.PathLike, inputs: list[str], cfg: Decode
     images = image_batches(paths, Preprocess.of(spec), batches, dev, default_workers(dev) if workers is None
                            else workers)  # decoding starts while the encoder is built
     encoder = load_encoder(spec, dev, encoder_weights, grid_size=model.cfg.grid_size)  # the grid only for attend
-    encoder, _, _ = maybe_compile(encoder, "auto", dev, len(paths), batch_size)  # as extract's auto decides
+    encoder, compiled, _ = maybe_compile(encoder, "auto", dev, len(paths), batch_size)  # as extract's auto decides
+    encoder, _, _ = maybe_onnx(encoder, "auto", dev, len(paths), compiled)
     out = [Captioned(p) for p in paths]
     banned = (vocab.pad_id, vocab.start_id, vocab.unk_id)
     for rows, feats, errs in encode_images(encoder, images, dev):

@@ -9,6 +9,7 @@ from pipeline.core.distributed import DIST_TIMEOUT_HELP, DIST_TIMEOUT_MINUTES
 from pipeline.core.runtime import AMP_CHOICES, COMPILE_CHOICES, DEVICE_HELP
 from pipeline.core.settings import Settings, setting
 from pipeline.encoder.archs import ARCHS
+from pipeline.encoder.onnx_runtime import RUNTIMES
 from pipeline.extract.changes import VERIFY_CHOICES
 
 DTYPES = ("float16", "float32")
@@ -51,6 +52,10 @@ class ExtractConfig(Settings):
                            "(compile when the images to do repay its compile time, as measured: never on the CPU, "
                            "where it was not reliably faster; on CUDA from 800k images; see "
                            "pipeline/encoder/compiled.py). Features agree either way.", choices=COMPILE_CHOICES)
+    runtime: str = setting("auto", "What runs the encoder: torch, onnxruntime (the folded encoder exported to ONNX "
+                           "Runtime's CPU provider: ~1.2x faster on the CPU; pip install onnxruntime onnx), or auto "
+                           "(onnxruntime on the CPU for caches of 2,000 images or more, which repay its few seconds of export; "
+                           "see pipeline/encoder/onnx_runtime.py). Features agree either way.", choices=RUNTIMES)
     workers: int | None = setting(None, "DataLoader decode workers [default: 2 on CPU (measured fastest, see "
                                   "runtime.py), cores-1 on CUDA].", min=0)
     device: str = setting("auto", DEVICE_HELP)

@@ -44,9 +44,11 @@ from pipeline.core.locks import hold
 from pipeline.core.manifest import MANIFEST_NAME, Manifest, load_manifest
 from pipeline.core.runtime import choose_device, default_workers
 from pipeline.core.storage import as_disk_error, disk_error, human_bytes, is_disk_error
+from pipeline.encoder import onnx_runtime
 from pipeline.encoder.compiled import maybe_compile
 from pipeline.encoder.encoder import encode_images, load_encoder, make_spec
 from pipeline.encoder.images import Preprocess, image_batches
+from pipeline.encoder.onnx_runtime import maybe_onnx
 from pipeline.extract.changes import image_stats
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.parts import NP_DTYPES, Chunk, Parts, Plan, cache_bytes, chunks, make_plan, row_size_text
@@ -66,6 +68,7 @@ class ExtractSummary:
     # images/s once running: from the end of each process's first batch to its last, so without the start-up
     # (encoder load, decode workers' start, the first batch's kernel selection); summed over ranks
     steady_images_per_second: float = 0.0
+    runtime: str = ""  # what ran the encoder: torch, compiled (torch.compile) or onnxruntime; "" when nothing ran
 
     @property
     def images_per_second(self) -> float:
@@ -75,10 +78,11 @@ class ExtractSummary:
         note = f" ({self.note})" if self.note else ""
         if self.up_to_date:
             return f"{self.path} is up to date ({self.images} images, {len(self.failures)} failures): nothing to do{note}"
+        via = f" via {self.runtime}" if self.runtime in ("compiled", "onnxruntime") else ""
         redone = (f"; redid the chunks of {self.changed} changed and {self.retried} previously failed image(s)"
                   if self.changed or self.retried else "")
         return (f"extracted {self.images} images ({self.computed} computed now{redone}), {len(self.failures)} failures, "
-                f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s -> {self.path}{note}")
+                f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s{via} -> {self.path}{note}")
 
 
 def cache_settings(spec: EncoderSpec, preprocess: Preprocess, dtype: str, manifest: Manifest) -> dict:
@@ -125,6 +129,7 @@ def _extract(cache_dir, cfg: ExtractConfig | None, out, force: bool, progress: b
     parts = Parts(Path(out) if out else inputs.cache_dir / FEATURES_NAME, regions)
     dist = distributed.context(cfg.dist_timeout)
     dev = choose_device(cfg.device, dist.local_rank if dist.enabled else None)  # a typo fails before any file is made
+    onnx_runtime.check(cfg.runtime, dev, cfg.compile == "true")
     plan = dist.decide(partial(_plan, inputs, parts, force, retry_failed, locks))
     if plan.up_to_date:
         summary = _summary_from_file(parts.out, up_to_date=True)
@@ -132,13 +137,14 @@ def _extract(cache_dir, cfg: ExtractConfig | None, out, force: bool, progress: b
         return summary
     started = time.perf_counter()
     todo = sum(e - s for _, s, e in plan.pending)  # the run's images, every rank's: one compile decision for all
-    computed, steady = _compute(inputs, plan.pending[dist.rank::dist.world_size], parts, dev, todo,
-                                progress and dist.is_main, dist.is_main)
+    computed, steady, runtime = _compute(inputs, plan.pending[dist.rank::dist.world_size], parts, dev, todo,
+                                         progress and dist.is_main, dist.is_main)
     # also the barrier: every part is written before rank 0 joins them
-    done = dist.all_gather((computed, time.perf_counter() - started, steady))
+    done = dist.all_gather((computed, time.perf_counter() - started, steady, runtime))
     summary = dist.decide(partial(_join, inputs, parts, plan))
     summary.computed, summary.seconds = sum(d[0] for d in done), max(d[1] for d in done)
     summary.steady_images_per_second = sum(d[2] for d in done)
+    summary.runtime = next((d[3] for d in done if d[3]), "")
     return summary
 
 
@@ -207,11 +213,11 @@ def refuse_input_as_out(out: Path, cache_dir: Path, manifest: Manifest) -> None:
 
 
 def _compute(inputs: Inputs, mine: list[Chunk], parts: Parts, dev: torch.device, todo: int, progress: bool,
-             is_main: bool) -> tuple[int, float]:
-    """This rank's chunks computed into parts: (images computed, steady images/s: see ExtractSummary). A disk
+             is_main: bool) -> tuple[int, float, str]:
+    """This rank's chunks computed into parts: (images computed, steady images/s, runtime: see ExtractSummary). A disk
     that fills up meanwhile is refused with what the cache needs; finished parts are kept."""
     if not mine:
-        return 0, 0.0
+        return 0, 0.0, ""
     try:
         return _encode_chunks(inputs, mine, parts, dev, todo, progress, is_main)
     except BaseException as e:
@@ -227,9 +233,10 @@ def _compute(inputs: Inputs, mine: list[Chunk], parts: Parts, dev: torch.device,
 
 
 def _encode_chunks(inputs: Inputs, pending: list[Chunk], parts: Parts, dev: torch.device, todo: int,
-                   progress: bool, is_main: bool) -> tuple[int, float]:
-    """Compute the `pending` chunks' parts (the encoder compiled or not as cfg.compile decides for the run's
-    `todo` images); returns (images computed, steady images/s: see ExtractSummary)."""
+                   progress: bool, is_main: bool) -> tuple[int, float, str]:
+    """Compute the `pending` chunks' parts (the encoder compiled, or run by ONNX Runtime, or neither, as cfg.compile
+    and cfg.runtime decide for the run's `todo` images and the cache's); returns (images computed, steady images/s, runtime: see
+    ExtractSummary)."""
     cfg, manifest, spec = inputs.cfg, inputs.manifest, inputs.spec
     # Batches are cut inside each chunk, so resuming reproduces the uninterrupted run's batches.
     batches = [list(range(b, min(b + cfg.batch_size, e))) for _, s, e in pending for b in range(s, e, cfg.batch_size)]
@@ -240,8 +247,12 @@ def _encode_chunks(inputs: Inputs, pending: list[Chunk], parts: Parts, dev: torc
     images = image_batches(paths, inputs.preprocess, batches, dev, workers, cfg.gpu_decode)  # decoding starts now
     log = partial(print, file=sys.stderr) if is_main else (lambda msg: None)
     encoder, compiled, why = maybe_compile(load_encoder(spec, dev), cfg.compile, dev, todo, cfg.batch_size, log)
+    # the cache's size, not todo: a resumed run keeps the runtime, and so the bytes, of the run it continues
+    encoder, onnx, runtime = maybe_onnx(encoder, cfg.runtime, dev, len(manifest.images), compiled, log)
     if progress or compiled:
         log(why)
+    if progress or onnx:
+        log(runtime)
     total = sum(e - s for _, s, e in pending)
     bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, dynamic_ncols=True,
                file=sys.stderr, smoothing=0.1)
@@ -266,7 +277,8 @@ def _encode_chunks(inputs: Inputs, pending: list[Chunk], parts: Parts, dev: torc
             buf = ChunkBuffer(e - s, spec.feature_dim, parts.regions, NP_DTYPES[cfg.dtype])
     bar.close()
     steady = (total - first[1]) / (time.perf_counter() - first[0]) if first and total > first[1] else 0.0
-    return total, steady
+    ran = "onnxruntime" if onnx and not encoder.eager else "compiled" if compiled and not encoder.eager else "torch"
+    return total, steady, ran
 
 
 class ChunkBuffer:
