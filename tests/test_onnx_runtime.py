@@ -57,7 +57,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("arch, grid", [("resnet18", 2), ("efficientnet_lite0", 0)])
+@pytest.mark.parametrize("arch, grid", [("resnet18", 2), ("efficientnet_lite0", 0), ("efficientnet_lite0", 2)])
 def test_its_features_are_eager_pytorchs_at_any_batch_size(one_thread, arch, grid):
     spec = make_spec(arch, "none", 72, 64, grid_size=grid)
     eager = set_layout(build_encoder(spec), channels_last=True)
@@ -66,7 +66,8 @@ def test_its_features_are_eager_pytorchs_at_any_batch_size(one_thread, arch, gri
     with torch.inference_mode():
         want = eager(IMAGES)
         got = torch.cat([fast(IMAGES[:4]), fast(IMAGES[4:])])  # the graph's batch is dynamic
-    assert got.shape == want.shape == ((5, 5, 512) if grid else (5, 1280))
+    d = 512 if arch == "resnet18" else 1280
+    assert got.shape == want.shape == ((5, 1 + grid * grid, d) if grid else (5, d))  # a 2x2 map: grid 2 exports
     assert _close(got, want) < 1e-5 and fast.diff < 1e-5 and not fast.eager
     assert fast.export_seconds is not None and "exported the encoder" in notes[0]
     assert eager.channels_last  # the export ran in NCHW and put the layout back

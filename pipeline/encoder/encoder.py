@@ -61,7 +61,9 @@ class Encoder(nn.Module):
         pooled = fmap.mean((2, 3))  # (B, D)
         if not self.grid_size:
             return pooled
-        grid = nn.functional.adaptive_avg_pool2d(fmap, self.grid_size).flatten(2).transpose(1, 2)  # (B, G*G, D)
+        if fmap.shape[-2:] != (self.grid_size, self.grid_size):  # a G x G map is its own grid, exactly (and
+            fmap = nn.functional.adaptive_avg_pool2d(fmap, self.grid_size)  # exports to ONNX where pooling may not)
+        grid = fmap.flatten(2).transpose(1, 2)  # (B, G*G, D)
         return torch.cat([pooled.unsqueeze(1), grid], 1)  # (B, 1 + G*G, D)
 
 
