@@ -214,6 +214,24 @@ def run_extract(cache_dir, out=None, force=False, progress=False, **settings):
     return extract(cache_dir, ExtractConfig(**settings), out=out, force=force, progress=progress)
 
 
+def relative_diff(a, b) -> float:
+    """Largest difference of two feature tensors relative to `b`'s scale: float16 storage rounds at ~5e-4 of a value."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def assert_same_cache(plain: Path, other: Path, datasets=("features",)) -> None:
+    """Two feature files made by different ways of running the same encoder are the same cache: the same record
+    (nothing says how the forward ran) and `datasets` equal up to float16 rounding of equal-to-1e-6 values."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(plain) as a, h5py.File(other) as b:
+        assert dict(a.attrs) == dict(b.attrs)
+        for name in datasets:
+            fa, fb = a[name][:].astype(np.float32), b[name][:].astype(np.float32)
+            assert np.abs(fa - fb).max() <= 2e-3 * np.abs(fa).max(), name
+
+
 def run_evaluate(checkpoint, cache_dir, out, results=None, **settings):
     """evaluate() with its EvaluateConfig given as keywords."""
     from pipeline.evaluate.config import EvaluateConfig

@@ -3,10 +3,9 @@ the same features, and that a cache extracted compiled is the same cache (record
 
 from __future__ import annotations
 
-import h5py
-import numpy as np
 import pytest
 import torch
+from conftest import assert_same_cache, relative_diff
 from conftest import run_extract as extract
 
 from pipeline.core.errors import PipelineError
@@ -39,11 +38,6 @@ def test_yaml_bools_name_the_choices():
         ExtractConfig(compile="sometimes").check()
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest difference relative to the features' scale: float16 storage rounds at ~5e-4 of a value."""
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def test_plain_folded_and_compiled_features_agree(one_thread):
     spec = make_spec("resnet18", "none", 72, 64, grid_size=2)
     plain = set_layout(build_encoder(spec, fold=False), channels_last=True)
@@ -55,7 +49,7 @@ def test_plain_folded_and_compiled_features_agree(one_thread):
         got_folded = folded(images)
         got = torch.cat([fast(images[:4]), fast(images[4:])])  # the last batch is padded to the compiled size
     assert fast.compile_seconds is not None and got.shape == want.shape == (5, 5, 512)
-    assert _close(got_folded, want) < 1e-5 and _close(got, want) < 1e-5
+    assert relative_diff(got_folded, want) < 1e-5 and relative_diff(got, want) < 1e-5
 
 
 def test_failed_compile_falls_back_or_says_what_to_do(monkeypatch):
@@ -78,9 +72,6 @@ def test_compiled_extract_is_the_same_cache(prepared_cache):
     eager = extract(prepared_cache, out=prepared_cache / "eager.h5", **SMALL, compile="false")
     fast = extract(prepared_cache, out=prepared_cache / "compiled.h5", **SMALL, compile="true")
     assert eager.computed == fast.computed > 0
-    with h5py.File(prepared_cache / "eager.h5") as a, h5py.File(prepared_cache / "compiled.h5") as b:
-        assert dict(a.attrs) == dict(b.attrs)  # the record: nothing says how the forward ran
-        fa, fb = a["features"][:].astype(np.float32), b["features"][:].astype(np.float32)
-    assert np.abs(fa - fb).max() <= 2e-3 * np.abs(fa).max()  # float16 rounding of equal-to-1e-6 values
+    assert_same_cache(prepared_cache / "eager.h5", prepared_cache / "compiled.h5")
     again = extract(prepared_cache, out=prepared_cache / "eager.h5", **SMALL, compile="true")
     assert again.up_to_date  # switching the setting never forces a rebuild

@@ -3,11 +3,10 @@ that it falls back or refuses in one line, and that a cache extracted through it
 
 from __future__ import annotations
 
-import h5py
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import assert_same_cache, relative_diff
 from conftest import run_extract as extract
 
 from pipeline.cli import main
@@ -52,11 +51,6 @@ def test_without_the_packages_auto_says_what_to_install_and_explicit_refuses(mon
         decide("onnxruntime", CPU, 1, compiled=False)
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest difference relative to the features' scale: float16 storage rounds at ~5e-4 of a value."""
-    return float((a - b).abs().max() / b.abs().max())
-
-
 @pytest.mark.parametrize("arch, grid", [("resnet18", 2), ("efficientnet_lite0", 0), ("efficientnet_lite0", 2)])
 def test_its_features_are_eager_pytorchs_at_any_batch_size(one_thread, arch, grid):
     spec = make_spec(arch, "none", 72, 64, grid_size=grid)
@@ -68,7 +62,7 @@ def test_its_features_are_eager_pytorchs_at_any_batch_size(one_thread, arch, gri
         got = torch.cat([fast(IMAGES[:4]), fast(IMAGES[4:])])  # the graph's batch is dynamic
     d = 512 if arch == "resnet18" else 1280
     assert got.shape == want.shape == ((5, 1 + grid * grid, d) if grid else (5, d))  # a 2x2 map: grid 2 exports
-    assert _close(got, want) < 1e-5 and fast.diff < 1e-5 and not fast.eager
+    assert relative_diff(got, want) < 1e-5 and fast.diff < 1e-5 and not fast.eager
     assert fast.export_seconds is not None and "exported the encoder" in notes[0]
     assert eager.channels_last  # the export ran in NCHW and put the layout back
 
@@ -107,11 +101,7 @@ def test_an_onnxruntime_extract_is_the_same_cache(prepared_cache):
     assert eager.runtime == plain.runtime == "torch" and fast.runtime == "onnxruntime" and "via onnxruntime" in fast.line()
     auto = extract(prepared_cache, out=prepared_cache / "auto.h5", **SMALL)  # a few images: not worth exporting
     assert auto.runtime == "torch"
-    with h5py.File(prepared_cache / "plain.h5") as a, h5py.File(prepared_cache / "onnx.h5") as b:
-        assert dict(a.attrs) == dict(b.attrs)  # the record: nothing says what ran the forward
-        for name in ("features", "grid"):
-            fa, fb = a[name][:].astype(np.float32), b[name][:].astype(np.float32)
-            assert np.abs(fa - fb).max() <= 2e-3 * np.abs(fa).max(), name  # float16 rounding of equal-to-1e-6 values
+    assert_same_cache(prepared_cache / "plain.h5", prepared_cache / "onnx.h5", ("features", "grid"))
     again = extract(prepared_cache, out=prepared_cache / "eager.h5", **SMALL, runtime="onnxruntime")
     assert again.up_to_date  # switching the setting never forces a rebuild
 

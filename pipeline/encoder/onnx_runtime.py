@@ -12,8 +12,9 @@ one runtime throughout, so a resumed or partly redone run writes the bytes an un
 small redo in a big cache pays the few seconds). The first 8 images are also run eagerly and compared:
 features that differ by more than float rounding (1e-4 of the largest) are not the same work, so `auto`
 then runs eagerly (and says so) and an explicit `onnxruntime` ends in one line; so does a graph that does
-not export (a grid whose size does not divide the last map's, e.g. 14x14 regions of a 7x7 map). Nothing about the runtime
-is in the cache's record: the features agree with eager ones to ~1e-6, below float16 storage's rounding,
+not export (a grid pooled from a map of another size, e.g. 14x14 regions of a 7x7 map: the exporter cannot
+always see the map's size; a G x G map is its own grid and exports). Nothing about the runtime is in the
+cache's record: the features agree with eager ones to ~1e-6, below float16 storage's rounding,
 so a cache extracted either way is the same cache.
 """
 
@@ -29,13 +30,14 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import PipelineError
+from pipeline.encoder.encoder import Encoder, set_layout
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
 INSTALL = "pip install onnxruntime onnx"
 MAX_REL_DIFF = 1e-4  # of the largest feature: float rounding is ~1e-6
 CHECK_IMAGES = 8  # of the first batch, also run eagerly: the features compared
 
-# Images to do from which `auto` runs ONNX Runtime (None: never), per device type, with the figures that set them
+# Images (extract: the cache's) from which `auto` runs ONNX Runtime (None: never), per device type, with the figures that set them
 # (`extract` of 1,500 Flickr8k photos, batch 64, 2 threads, 2 decode workers, 2026-12-06):
 # - cpu: steady 103.7 images/s vs 81.8 in PyTorch for lite0 (whole run 91.2 vs 73.3), 47.2 vs 40.8 for resnet18;
 #   the first call (export on one image, session, first run, 8 images checked eagerly) took 2.5-4.1 s: break-even
@@ -93,12 +95,12 @@ def decide(setting: str, device: torch.device, images: int, compiled: bool) -> t
 
 class OnnxEncoder(nn.Module):
     """`encoder` run by ONNX Runtime's CPU provider at `threads` (default: torch's) intra-op threads. The first
-    call exports it (NCHW graph, dynamic batch) and checks the session's features against eager ones on that
-    batch; `export_seconds` then says how long that took, `diff` how far the features were apart. Where
+    call exports it (NCHW graph, dynamic batch) and checks the session's features against eager ones on the
+    first CHECK_IMAGES images of that batch; `export_seconds` then says how long that took, `diff` how far the features were apart. Where
     exporting fails or the features differ, the encoder runs eagerly if `fallback` (`eager` is then True),
     else the error is one line."""
 
-    def __init__(self, encoder: nn.Module, threads: int | None = None, fallback: bool = False, log=None):
+    def __init__(self, encoder: Encoder, threads: int | None = None, fallback: bool = False, log=None):
         super().__init__()
         self.encoder, self.threads, self.fallback = encoder, threads, fallback
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -143,16 +145,13 @@ class OnnxEncoder(nn.Module):
         return self.encoder(images)
 
 
-def _session(encoder: nn.Module, sample: torch.Tensor, threads: int):
+def _session(encoder: Encoder, sample: torch.Tensor, threads: int):
     """An ONNX Runtime CPU session of `encoder` exported on one image of `sample` (batch dynamic: tracing runs the
     network once, 4x faster on one image than on 64), the graph in memory."""
     import onnxruntime as ort
 
-    from pipeline.encoder.encoder import set_layout
-
-    layout = getattr(encoder, "channels_last", None)
-    if layout is not None:
-        set_layout(encoder, channels_last=False)  # an NCHW graph: ONNX Runtime picks its own layouts
+    layout = encoder.channels_last
+    set_layout(encoder, channels_last=False)  # an NCHW graph: ONNX Runtime picks its own layouts
     try:
         graph = io.BytesIO()
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
@@ -160,8 +159,7 @@ def _session(encoder: nn.Module, sample: torch.Tensor, threads: int):
             torch.onnx.export(encoder, (sample[:1].clone(),), graph, dynamo=False, input_names=["images"],
                               output_names=["features"], dynamic_axes={"images": {0: "batch"}}, opset_version=17)
     finally:
-        if layout is not None:
-            set_layout(encoder, channels_last=layout)
+        set_layout(encoder, channels_last=layout)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
